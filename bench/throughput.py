@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Training-throughput benchmark on synthetic tokens: tokens/s, MFU (when the device peak is
+known), peak memory, for a preset's model at several precisions and with/without torch.compile.
+
+    python bench/throughput.py --preset tiny --batch 16 --seq-len 256 --steps 10
+    python bench/throughput.py --preset 60m --precision fp32 bf16 --compile off on
+
+Prints one line per configuration and, with ``--json FILE``, writes the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from deeplm.config import load_config
+from deeplm.model import Transformer, describe, flops_per_token
+from deeplm.train.device import (
+    autocast_context,
+    peak_flops,
+    peak_memory_bytes,
+    select_device,
+    synchronize,
+)
+
+
+def bench_one(
+    cfg, device, precision: str, compile_: bool, batch: int, seq_len: int, steps: int, warmup: int
+) -> dict:
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).to(device)
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=1e-4,
+        **({"fused": True} if device.type == "cuda" else {"foreach": True}),
+    )
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    fwd = torch.compile(model) if compile_ else model
+    x = torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1), device=device)
+    inp, tgt = x[:, :-1], x[:, 1:]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> torch.Tensor:
+        with autocast_context(device, dtype):
+            _, loss = fwd(inp, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    step()
+    synchronize(device)
+    first_step_s = time.perf_counter() - t0
+    for _ in range(max(0, warmup - 1)):
+        step()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    synchronize(device)
+    dt = time.perf_counter() - t0
+    tok_s = batch * seq_len * steps / dt
+    peak = peak_flops(device, dtype)
+    mem = peak_memory_bytes(device)
+    return {
+        "precision": precision,
+        "compile": compile_,
+        "batch": batch,
+        "seq_len": seq_len,
+        "tokens_per_s": tok_s,
+        "step_ms": 1000 * dt / steps,
+        "first_step_s": first_step_s,
+        "mfu": tok_s * flops_per_token(cfg.model, seq_len) / peak if peak else None,
+        "peak_memory_gb": mem / 2**30 if mem else None,
+        "loss": float(loss.item()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, nargs="+", default=[256])
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--json", help="write results to this file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(preset=args.preset)
+    cfg.model.grad_checkpointing = args.grad_checkpointing
+    device = select_device(args.device)
+    print(
+        f"{args.preset}: {describe(cfg.model)} on {device} "
+        f"({torch.get_num_threads()} threads, torch {torch.__version__})",
+        flush=True,
+    )
+    results = []
+    for seq_len in args.seq_len:
+        for precision in args.precision:
+            for comp in args.compile:
+                r = bench_one(
+                    cfg,
+                    device,
+                    precision,
+                    comp == "on",
+                    args.batch,
+                    seq_len,
+                    args.steps,
+                    args.warmup,
+                )
+                results.append(r)
+                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+                mem = f"{r['peak_memory_gb']:.2f} GB" if r["peak_memory_gb"] else "n/a"
+                print(
+                    f"  T={seq_len:<4} {precision:<4} compile={comp:<3} "
+                    f"{r['tokens_per_s']:>10,.0f} tok/s  {r['step_ms']:8.1f} ms/step  "
+                    f"first step {r['first_step_s']:6.1f}s  MFU {mfu}  peak mem {mem}",
+                    flush=True,
+                )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(
+                {
+                    "preset": args.preset,
+                    "device": str(device),
+                    "machine": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "results": results,
+                },
+                fh,
+                indent=2,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

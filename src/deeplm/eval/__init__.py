@@ -1,0 +1,1 @@
+"""Evaluation: validation loss and perplexity, sample generations, the run report."""

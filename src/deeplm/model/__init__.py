@@ -1,0 +1,39 @@
+"""The deeplm language model: Transformer, RoPE, KV cache and generation.
+
+Public API::
+
+    Transformer(cfg)                      model; forward(idx, targets=None, loss_weights=None)
+    describe(cfg) / count_parameters(cfg) exact parameter count (meta-device build)
+    flops_per_token(cfg, seq_len)         6*N + 12*L*d*T training FLOPs per token
+    generate(model, idx, max_new_tokens, ...) / stream_generate(...)
+"""
+
+from deeplm.model.generate import generate, sample_next, stream_generate
+from deeplm.model.rope import RotaryEmbedding, apply_rotary, rotate_half
+from deeplm.model.transformer import (
+    IGNORE_INDEX,
+    KVCache,
+    Transformer,
+    count_parameters,
+    describe,
+    flops_per_token,
+    lm_loss,
+    mlp_hidden_dim,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "KVCache",
+    "RotaryEmbedding",
+    "Transformer",
+    "apply_rotary",
+    "count_parameters",
+    "describe",
+    "flops_per_token",
+    "generate",
+    "lm_loss",
+    "mlp_hidden_dim",
+    "rotate_half",
+    "sample_next",
+    "stream_generate",
+]

@@ -1,0 +1,1 @@
+"""Training: device selection, optimizers, LR schedule, checkpoints, metrics and the loop."""

@@ -1,0 +1,113 @@
+"""Device decisions in one place: which device, which autocast dtype, the device's peak FLOP/s,
+synchronisation and memory reporting. CUDA -> MPS -> CPU by default, overridable."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+# Dense bf16 tensor-core peaks from vendor datasheets (FLOP/s), matched on the device name.
+_CUDA_PEAKS = [
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("4090", 165e12),
+    ("3090", 71e12),
+]
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """Return the device to train on; 'auto' picks CUDA, then MPS, then CPU."""
+    if preference == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device = 'cuda' but no CUDA device is available")
+    if preference == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("train.device = 'mps' but the MPS backend is not available")
+    return torch.device(preference)
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for a precision setting, or None for plain fp32.
+
+    'auto' uses bf16 on CUDA (when supported) and MPS; on CPU it uses bf16 only where the CPU has
+    native bf16 matrix instructions (AVX512-BF16 or AMX), where it measured 1.6x faster than fp32
+    for the tiny preset (docs/performance.md), and fp32 elsewhere, where bf16 is emulated.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "mps":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has AVX512-BF16 or AMX tiles (bf16 matmuls in hardware)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    for name in probes:
+        fn = getattr(torch.cpu, name, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except RuntimeError:
+            continue
+    return False
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """An autocast context for ``dtype`` on ``device`` (a no-op context for fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    try:
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    except RuntimeError as exc:  # e.g. an older MPS without bf16 autocast
+        warnings.warn(
+            f"bf16 autocast unavailable on {device.type} ({exc}); running fp32", stacklevel=2
+        )
+        return contextlib.nullcontext()
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float | None:
+    """Datasheet peak FLOP/s for MFU, when the device is known (CUDA bf16 only)."""
+    if device.type != "cuda" or dtype is None:
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in _CUDA_PEAKS:
+        if key in name:
+            return peak
+    return None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """Peak allocated memory since the last reset, where the backend reports it."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    if device.type == "mps":
+        return int(torch.mps.driver_allocated_memory())
+    return None
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)

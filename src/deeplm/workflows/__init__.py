@@ -1,0 +1,1 @@
+"""Orchestration: the StateDB, the idempotent stage activities and the orchestrators."""

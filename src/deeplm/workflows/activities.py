@@ -1,0 +1,515 @@
+"""The pipeline's stages as idempotent activities.
+
+Each activity is a plain function ``activity(ctx, ...) -> dict`` that
+1. checks the StateDB and the files on disk and returns at once when its work is done and intact,
+2. otherwise resumes from the cursor the StateDB holds for it,
+3. writes its outputs atomically and records them (path, bytes, sha256, producer).
+
+The local orchestrator (``workflows/local.py``) and the Temporal workflow call these same
+functions; neither holds any stage logic of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deeplm.atomic import atomic_replace
+from deeplm.config import RunConfig
+from deeplm.data.clean import CleanStats, Deduper, clean_documents, split_for
+from deeplm.data.shards import (
+    Shard,
+    ShardCursor,
+    ShardResumeError,
+    ShardStopped,
+    is_shard_complete,
+    tokenize_to_shard,
+)
+from deeplm.data.sources import SourceStats, iter_source
+from deeplm.tokenizer import Tokenizer, train_tokenizer
+from deeplm.train import checkpoint as ckpt
+from deeplm.train.trainer import PhaseTrainer, TrainHooks, phase_dir
+from deeplm.workflows.state_db import StateDB
+
+SPLITS = ("train", "val")
+
+
+class StageStopped(Exception):
+    """A stage stopped early on request (cancel/interrupt); its cursor is saved."""
+
+
+@dataclass
+class RunContext:
+    """What every activity gets: where the run lives, its config, its StateDB, and callbacks."""
+
+    run_dir: Path
+    cfg: RunConfig
+    db: StateDB
+    progress: Callable[[dict[str, Any]], None] = lambda info: None
+    should_stop: Callable[[], bool] = lambda: False
+    log: Callable[[str], None] = print
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- layout
+
+
+def docs_path(run_dir: Path, phase: str, split: str) -> Path:
+    return run_dir / "data" / phase / f"{split}.jsonl"
+
+
+def tokenizer_path(run_dir: Path) -> Path:
+    return run_dir / "tokenizer" / "tokenizer.json"
+
+
+def shard_prefix(run_dir: Path, phase: str, split: str) -> Path:
+    return run_dir / "shards" / phase / split
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One step of the pipeline: its StateDB name, activity name and argument."""
+
+    name: str
+    activity: str
+    arg: int | None = None
+    queue: str = "cpu"
+
+
+def pipeline_stages(cfg: RunConfig) -> list[StageSpec]:
+    """The ordered stages of a run (shared by every orchestrator)."""
+    stages = [StageSpec("prepare", "prepare"), StageSpec("tokenizer", "train_tokenizer")]
+    stages += [StageSpec(f"tokenize:{p.name}", "tokenize", i) for i, p in enumerate(cfg.phases)]
+    stages += [
+        StageSpec(f"train:{p.name}", "train_phase", i, queue="gpu")
+        for i, p in enumerate(cfg.phases)
+    ]
+    stages.append(StageSpec("evaluate", "evaluate", queue="gpu"))
+    return stages
+
+
+def _done_and_intact(ctx: RunContext, stage: str, files: list[Path]) -> bool:
+    row = ctx.db.stage(stage)
+    if row.status != "done":
+        return False
+    if all(ctx.db.artifact_ok(f) for f in files):
+        return True
+    ctx.db.reset_stage(stage, "an output file is missing or changed; redoing the stage")
+    return False
+
+
+def _record(
+    ctx: RunContext, path: Path, kind: str, producer: str, meta: dict | None = None
+) -> None:
+    ctx.db.record_artifact(path, kind, producer, meta)
+
+
+# ---------------------------------------------------------------------------- prepare
+
+
+def _write_jsonl_atomic(path: Path, docs: Iterator[str]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for text in docs:
+            fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            n += 1
+        fh.flush()
+        os.fsync(fh.fileno())
+    atomic_replace(tmp, path)
+    return n
+
+
+def _iter_jsonl_texts(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            yield json.loads(line)["text"]
+
+
+def prepare(ctx: RunContext) -> dict[str, Any]:
+    """Read every phase's sources, clean/filter/dedup, split train/val, write docs JSONL.
+
+    Work is committed per source (``data/<phase>/parts/<i>.<split>.jsonl``); the cursor records
+    the sources finished, so a killed run redoes at most the source it was reading.
+    """
+    stage = "prepare"
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    outputs_files = [docs_path(run_dir, p.name, s) for p in cfg.phases for s in SPLITS]
+    if _done_and_intact(ctx, stage, outputs_files):
+        return ctx.db.stage(stage).outputs | {"skipped": True}
+    row = ctx.db.start_stage(stage)
+    cursor = dict(row.cursor)
+    done_parts: dict[str, Any] = cursor.get("parts", {})
+    report: dict[str, Any] = {}
+    base_dir = Path(cfg.base_dir or ".")
+    try:
+        for phase in cfg.phases:
+            parts_dir = run_dir / "data" / phase.name / "parts"
+            dedup = Deduper()
+            phase_report: dict[str, Any] = {"sources": []}
+            for i, src in enumerate(phase.sources):
+                key = f"{phase.name}/{i}"
+                part = {s: parts_dir / f"{i}.{s}.jsonl" for s in SPLITS}
+                if key in done_parts and all(p.is_file() for p in part.values()):
+                    for s in SPLITS:  # rebuild the dedup memory from what is already written
+                        for text in _iter_jsonl_texts(part[s]):
+                            dedup.seen(text)
+                    phase_report["sources"].append(done_parts[key])
+                    continue
+                if ctx.should_stop():
+                    raise StageStopped(f"prepare stopped before {key}")
+                ctx.log(f"[prepare] {phase.name}: reading {src.kind}:{src.name or src.path}")
+                sstats, cstats = SourceStats(), CleanStats()
+                tmp_files = {s: parts_dir / f".{i}.{s}.jsonl.tmp-{os.getpid()}" for s in SPLITS}
+                parts_dir.mkdir(parents=True, exist_ok=True)
+                handles = {
+                    s: open(tmp_files[s], "w", encoding="utf-8") for s in SPLITS
+                }  # noqa: SIM115
+                counts = {s: 0 for s in SPLITS}
+                try:
+                    docs = clean_documents(
+                        iter_source(src, base_dir, sstats), cfg.clean, cstats, deduper=dedup
+                    )
+                    for doc in docs:
+                        split = split_for(doc.text, phase.val_fraction, cfg.seed)
+                        handles[split].write(json.dumps({"text": doc.text}, ensure_ascii=False))
+                        handles[split].write("\n")
+                        counts[split] += 1
+                        if (counts["train"] + counts["val"]) % 500 == 0:
+                            ctx.progress(
+                                {
+                                    "stage": stage,
+                                    "phase": phase.name,
+                                    "source": i,
+                                    "docs": counts["train"] + counts["val"],
+                                }
+                            )
+                    for s in SPLITS:
+                        handles[s].flush()
+                        os.fsync(handles[s].fileno())
+                finally:
+                    for h in handles.values():
+                        h.close()
+                for s in SPLITS:
+                    atomic_replace(tmp_files[s], part[s])
+                info = {
+                    "source": f"{src.kind}:{src.name or src.path}",
+                    "read": asdict(sstats),
+                    "clean": asdict(cstats),
+                    "train_docs": counts["train"],
+                    "val_docs": counts["val"],
+                }
+                done_parts[key] = info
+                phase_report["sources"].append(info)
+                ctx.db.set_cursor(stage, {"parts": done_parts})
+                ctx.db.log_event(
+                    stage,
+                    "progress",
+                    f"{key} ({info['source']}) prepared",
+                    {"train_docs": counts["train"], "val_docs": counts["val"]},
+                )
+            # Assemble the phase's split files from its parts (atomic, cheap).
+            for s in SPLITS:
+                parts = [parts_dir / f"{i}.{s}.jsonl" for i in range(len(phase.sources))]
+                out = docs_path(run_dir, phase.name, s)
+                n = _write_jsonl_atomic(out, (t for p in parts for t in _iter_jsonl_texts(p)))
+                if n == 0:
+                    srcs = ", ".join(f"{x.kind}:{x.name or x.path}" for x in phase.sources)
+                    raise ValueError(
+                        f"phase {phase.name!r}: no {s} documents left after cleaning "
+                        f"(sources: {srcs}); add text or lower clean.min_chars"
+                    )
+                _record(ctx, out, "docs", stage, {"phase": phase.name, "split": s, "docs": n})
+                phase_report[f"{s}_docs"] = n
+            report[phase.name] = phase_report
+    except StageStopped as exc:
+        ctx.db.pause_stage(stage, str(exc))
+        raise
+    except Exception as exc:
+        ctx.db.fail_stage(stage, f"{type(exc).__name__}: {exc}")
+        raise
+    ctx.db.finish_stage(stage, {"phases": report})
+    return {"phases": report}
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer_activity(ctx: RunContext) -> dict[str, Any]:
+    """Train the BPE tokenizer on every phase's training documents."""
+    stage = "tokenizer"
+    path = tokenizer_path(ctx.run_dir)
+    if _done_and_intact(ctx, stage, [path]):
+        return ctx.db.stage(stage).outputs | {"skipped": True}
+    ctx.db.start_stage(stage)
+    try:
+
+        def texts() -> Iterator[str]:
+            for phase in ctx.cfg.phases:
+                yield from _iter_jsonl_texts(docs_path(ctx.run_dir, phase.name, "train"))
+
+        t0 = time.perf_counter()
+        ctx.log(f"[tokenizer] training byte-level BPE, vocab {ctx.cfg.tokenizer.vocab_size}")
+        tok = train_tokenizer(texts(), ctx.cfg.tokenizer, path)
+        outputs = {
+            "path": str(path),
+            "hash": tok.hash,
+            "vocab_size": tok.vocab_size,
+            "seconds": time.perf_counter() - t0,
+        }
+        _record(ctx, path, "tokenizer", stage, {"hash": tok.hash})
+    except Exception as exc:
+        ctx.db.fail_stage(stage, f"{type(exc).__name__}: {exc}")
+        raise
+    ctx.db.finish_stage(stage, outputs)
+    return outputs
+
+
+def load_run_tokenizer(ctx: RunContext) -> Tokenizer:
+    path = tokenizer_path(ctx.run_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the run has no tokenizer yet (run the pipeline first)")
+    return Tokenizer.load(path)
+
+
+# ---------------------------------------------------------------------------- tokenize
+
+
+def tokenize(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
+    """Tokenize one phase's train and val docs into memmap shards, resuming from
+    ``last_doc_index``."""
+    phase = ctx.cfg.phases[phase_idx]
+    stage = f"tokenize:{phase.name}"
+    tok = load_run_tokenizer(ctx)
+    bins = [Path(f"{shard_prefix(ctx.run_dir, phase.name, s)}.bin") for s in SPLITS]
+    if _done_and_intact(ctx, stage, bins) and all(
+        is_shard_complete(shard_prefix(ctx.run_dir, phase.name, s), tok.hash) for s in SPLITS
+    ):
+        return ctx.db.stage(stage).outputs | {"skipped": True}
+    row = ctx.db.start_stage(stage)
+    cursors: dict[str, Any] = dict(row.cursor)
+    outputs: dict[str, Any] = {}
+    try:
+        for split in SPLITS:
+            prefix = shard_prefix(ctx.run_dir, phase.name, split)
+            if is_shard_complete(prefix, tok.hash):
+                meta = Shard.open(prefix, tok.hash).meta
+            else:
+                c = cursors.get(split)
+                start = ShardCursor(c["last_doc_index"], c["n_tokens"]) if c else None
+                if start is not None:
+                    ctx.log(
+                        f"[tokenize] {phase.name}/{split}: resuming at document "
+                        f"{start.doc_index}"
+                    )
+
+                def commit(cur: ShardCursor, split: str = split) -> None:
+                    cursors[split] = {"last_doc_index": cur.doc_index, "n_tokens": cur.n_tokens}
+                    ctx.db.set_cursor(stage, cursors)
+                    ctx.progress({"stage": stage, "split": split, **cursors[split]})
+
+                docs = docs_path(ctx.run_dir, phase.name, split)
+                try:
+                    meta = tokenize_to_shard(
+                        docs,
+                        tok,
+                        prefix,
+                        cursor=start,
+                        on_progress=commit,
+                        should_stop=ctx.should_stop,
+                    )
+                except ShardResumeError as exc:
+                    ctx.db.log_event(
+                        stage,
+                        "restart",
+                        f"{split}: cannot resume ({exc}); " "tokenizing from the first document",
+                    )
+                    meta = tokenize_to_shard(
+                        docs,
+                        tok,
+                        prefix,
+                        cursor=None,
+                        on_progress=commit,
+                        should_stop=ctx.should_stop,
+                    )
+            bin_path = Path(f"{prefix}.bin")
+            _record(
+                ctx,
+                bin_path,
+                "shard",
+                stage,
+                {
+                    "phase": phase.name,
+                    "split": split,
+                    "tokens": meta.n_tokens,
+                    "tokenizer_hash": tok.hash,
+                },
+            )
+            outputs[split] = {"tokens": meta.n_tokens, "docs": meta.n_docs}
+    except ShardStopped as exc:
+        ctx.db.pause_stage(stage, "tokenize stopped on request")
+        raise StageStopped(str(exc)) from exc
+    except Exception as exc:
+        ctx.db.fail_stage(stage, f"{type(exc).__name__}: {exc}")
+        raise
+    ctx.db.finish_stage(stage, outputs)
+    return outputs
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def final_checkpoint_of(ctx: RunContext, phase_idx: int) -> Path | None:
+    phase = ctx.cfg.phases[phase_idx]
+    latest = ckpt.latest_checkpoint(phase_dir(ctx.run_dir, phase_idx, phase))
+    if latest is not None and latest.meta.get("final"):
+        return latest.path
+    return None
+
+
+def train_phase(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
+    """Train phase ``phase_idx`` from its newest checkpoint (or the previous phase's final one)."""
+    cfg = ctx.cfg
+    phase = cfg.phases[phase_idx]
+    stage = f"train:{phase.name}"
+    tok = load_run_tokenizer(ctx)
+    final = final_checkpoint_of(ctx, phase_idx)
+    if ctx.db.stage(stage).status == "done" and final is not None:
+        return ctx.db.stage(stage).outputs | {"skipped": True}
+    init_from = None
+    if phase_idx > 0:
+        init_from = final_checkpoint_of(ctx, phase_idx - 1)
+        if init_from is None:
+            raise RuntimeError(
+                f"phase {phase.name!r} needs the final checkpoint of phase "
+                f"{cfg.phases[phase_idx - 1].name!r}, which does not exist yet"
+            )
+    train_shard = Shard.open(shard_prefix(ctx.run_dir, phase.name, "train"), tok.hash)
+    val_shard = Shard.open(shard_prefix(ctx.run_dir, phase.name, "val"), tok.hash)
+    ctx.db.start_stage(stage)
+    ctx.db.upsert_phase(phase.name, phase_idx, status="running", total_steps=phase.total_steps)
+
+    def on_progress(info: dict[str, Any]) -> None:
+        cursor = {"last_step_count": info["step"], "last_checkpoint": info.get("last_checkpoint")}
+        ctx.db.set_cursor(stage, cursor)
+        fields: dict[str, Any] = {"step": info["step"], "tokens": info["tokens"]}
+        if info.get("last_checkpoint"):
+            fields["last_checkpoint"] = info["last_checkpoint"]
+        if "loss" in info:
+            fields["metrics"] = {k: info[k] for k in ("loss", "lr", "tokens_per_s") if k in info}
+        ctx.db.upsert_phase(phase.name, phase_idx, **fields)
+        ctx.progress({"stage": stage, **info})
+
+    trainer = PhaseTrainer(
+        cfg,
+        phase_idx,
+        ctx.run_dir,
+        tok,
+        train_shard,
+        val_shard,
+        init_from=init_from,
+        hooks=TrainHooks(on_progress=on_progress, should_stop=ctx.should_stop, log=ctx.log),
+    )
+    try:
+        outcome = trainer.run()
+    except Exception as exc:
+        ctx.db.fail_stage(stage, f"{type(exc).__name__}: {exc}")
+        ctx.db.upsert_phase(phase.name, phase_idx, status="failed")
+        raise
+    if outcome.status == "stopped":
+        ctx.db.upsert_phase(
+            phase.name,
+            phase_idx,
+            status="paused",
+            step=outcome.step,
+            last_checkpoint=outcome.last_checkpoint,
+        )
+        ctx.db.set_cursor(
+            stage, {"last_step_count": outcome.step, "last_checkpoint": outcome.last_checkpoint}
+        )
+        ctx.db.pause_stage(stage, f"stopped at step {outcome.step}")
+        raise StageStopped(f"{stage} stopped at step {outcome.step}")
+    outputs = {
+        "final_checkpoint": outcome.final_checkpoint,
+        "steps": outcome.step,
+        "tokens": outcome.tokens,
+        "first_val_loss": outcome.first_val_loss,
+        "val_loss": outcome.val_loss,
+        "tokens_per_s": outcome.tokens_per_s,
+        "samples": outcome.samples,
+    }
+    weights = Path(outcome.final_checkpoint) / ckpt.WEIGHTS
+    _record(
+        ctx,
+        weights,
+        "checkpoint",
+        stage,
+        {"phase": phase.name, "step": outcome.step, "tokenizer_hash": tok.hash},
+    )
+    ctx.db.upsert_phase(
+        phase.name,
+        phase_idx,
+        status="done",
+        step=outcome.step,
+        tokens=outcome.tokens,
+        final_checkpoint=outcome.final_checkpoint,
+        last_checkpoint=outcome.final_checkpoint,
+        metrics={
+            "first_val_loss": outcome.first_val_loss,
+            "val_loss": outcome.val_loss,
+            "tokens_per_s": outcome.tokens_per_s,
+        },
+    )
+    ctx.db.finish_stage(stage, outputs)
+    return outputs
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+
+def evaluate(ctx: RunContext) -> dict[str, Any]:
+    """Evaluate the run's final model on every phase's validation shard; write the report."""
+    from deeplm.eval.report import evaluate_run
+
+    stage = "evaluate"
+    report = ctx.run_dir / "report.md"
+    if _done_and_intact(ctx, stage, [report]):
+        return ctx.db.stage(stage).outputs | {"skipped": True}
+    ctx.db.start_stage(stage)
+    try:
+        outputs = evaluate_run(ctx)
+        _record(ctx, report, "report", stage)
+    except Exception as exc:
+        ctx.db.fail_stage(stage, f"{type(exc).__name__}: {exc}")
+        raise
+    ctx.db.finish_stage(stage, outputs)
+    return outputs
+
+
+ACTIVITIES: dict[str, Callable[..., dict[str, Any]]] = {
+    "prepare": prepare,
+    "train_tokenizer": train_tokenizer_activity,
+    "tokenize": tokenize,
+    "train_phase": train_phase,
+    "evaluate": evaluate,
+}
+
+
+def run_stage(ctx: RunContext, spec: StageSpec) -> dict[str, Any]:
+    fn = ACTIVITIES[spec.activity]
+    return fn(ctx) if spec.arg is None else fn(ctx, spec.arg)
+
+
+def latest_model_checkpoint(run_dir: Path, cfg: RunConfig) -> Path | None:
+    """The newest complete checkpoint of the latest phase that has one."""
+    for i in reversed(range(len(cfg.phases))):
+        latest = ckpt.latest_checkpoint(phase_dir(run_dir, i, cfg.phases[i]))
+        if latest is not None:
+            return latest.path
+    return None

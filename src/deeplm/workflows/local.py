@@ -1,0 +1,218 @@
+"""The embedded orchestrator: runs the pipeline's activities in order, in this process, with no
+server. A run directory holds everything: ``config.json``, ``state.db``, data, tokenizer, shards,
+checkpoints, metrics and the report. Only one process may drive a run directory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from deeplm.atomic import atomic_write_text
+from deeplm.config import RunConfig, config_from_json, config_to_json
+from deeplm.workflows.activities import RunContext, StageStopped, pipeline_stages, run_stage
+from deeplm.workflows.state_db import StateDB
+
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.db"
+LOCK_FILE = ".lock"
+
+
+class RunLocked(RuntimeError):
+    """Another process is driving this run directory."""
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the run directory (POSIX: Linux and macOS)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fh = open(path, "a+")  # noqa: SIM115
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - non-POSIX: no advisory lock available
+            pass
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RunLocked(
+                f"{run_dir} is in use by {holder}; wait for it to finish or stop it first"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+def open_run(run_dir: Path, cfg: RunConfig) -> StateDB:
+    """Create or reopen a run directory for ``cfg``; a different config there is an error."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / CONFIG_FILE
+    db = StateDB(run_dir / STATE_FILE)
+    try:
+        db.init_run(cfg.name, cfg.fingerprint())
+    except ValueError:
+        db.close()
+        raise
+    if not cfg_path.exists():
+        atomic_write_text(cfg_path, config_to_json(cfg))
+    return db
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a deeplm run directory (no {CONFIG_FILE})")
+    return config_from_json(path.read_text(encoding="utf-8"))
+
+
+def run_local(
+    run_dir: Path,
+    cfg: RunConfig,
+    log: Callable[[str], None] = print,
+    should_stop: Callable[[], bool] = lambda: False,
+    progress: Callable[[dict[str, Any]], None] = lambda info: None,
+) -> dict[str, Any]:
+    """Run every stage in order; stages already done are skipped. Returns a summary."""
+    run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        db = open_run(run_dir, cfg)
+        ctx = RunContext(
+            run_dir=run_dir, cfg=cfg, db=db, progress=progress, should_stop=should_stop, log=log
+        )
+        summary: dict[str, Any] = {"stages": {}, "status": "running"}
+        t_run = time.perf_counter()
+        try:
+            db.set_run_status("running")
+            for spec in pipeline_stages(cfg):
+                t0 = time.perf_counter()
+                try:
+                    out = run_stage(ctx, spec)
+                except StageStopped as exc:
+                    db.set_run_status("paused")
+                    log(f"stopped: {exc}. Run the same command again to resume.")
+                    summary["status"] = "paused"
+                    return summary
+                except Exception:
+                    db.set_run_status("failed")
+                    raise
+                dt = time.perf_counter() - t0
+                skipped = bool(out.get("skipped"))
+                summary["stages"][spec.name] = {"skipped": skipped, "seconds": dt}
+                log(f"[{spec.name}] {'already done, skipped' if skipped else f'done in {dt:.1f}s'}")
+            db.set_run_status("done")
+            summary["status"] = "done"
+            summary["seconds"] = time.perf_counter() - t_run
+            if all(s["skipped"] for s in summary["stages"].values()):
+                log(
+                    f"nothing to do: all {len(summary['stages'])} stages of {run_dir} were "
+                    "already done (nothing was redone)"
+                )
+                summary["nothing_redone"] = True
+            else:
+                log(f"pipeline done in {summary['seconds']:.1f}s; report: {run_dir / 'report.md'}")
+            return summary
+        finally:
+            db.close()
+
+
+def status(run_dir: Path) -> dict[str, Any]:
+    """A JSON-able snapshot of a run: stages, phases, progress, last metrics and events."""
+    run_dir = Path(run_dir)
+    db_path = run_dir / STATE_FILE
+    if not db_path.exists():
+        raise FileNotFoundError(f"{run_dir}: not a deeplm run directory (no {STATE_FILE})")
+    db = StateDB(db_path, readonly=True)
+    try:
+        run = db.run_info() or {}
+        run.pop("config_json", None)
+        cfg = load_run_config(run_dir)
+        stage_rows = {r.name: r for r in db.stages()}
+        stages = []
+        for spec in pipeline_stages(cfg):
+            r = stage_rows.get(spec.name)
+            stages.append(
+                {
+                    "name": spec.name,
+                    "status": r.status if r else "pending",
+                    "elapsed_s": round(r.elapsed_s, 2) if r else 0.0,
+                    "cursor": r.cursor if r else {},
+                    "error": r.error if r else None,
+                }
+            )
+        phases = []
+        for p in db.phases():
+            phases.append(
+                {
+                    "name": p.name,
+                    "status": p.status,
+                    "step": p.step,
+                    "total_steps": p.total_steps,
+                    "tokens": p.tokens,
+                    "last_checkpoint": p.last_checkpoint,
+                    "final_checkpoint": p.final_checkpoint,
+                    "metrics": p.metrics,
+                }
+            )
+        events = db.events(limit=15)
+        return {
+            "run_dir": str(run_dir),
+            "run": run,
+            "stages": stages,
+            "phases": phases,
+            "events": events,
+        }
+    finally:
+        db.close()
+
+
+def format_status(st: dict[str, Any]) -> str:
+    lines = [f"run {st['run'].get('name', '?')} in {st['run_dir']}: {st['run'].get('status', '?')}"]
+    lines.append("")
+    lines.append(f"{'stage':<24} {'status':<9} {'time':>8}  progress")
+    for s in st["stages"]:
+        cur = s["cursor"]
+        prog = ""
+        if "last_step_count" in cur:
+            prog = f"step {cur['last_step_count']}"
+        elif cur.get("parts"):
+            prog = f"{len(cur['parts'])} sources prepared"
+        elif cur:
+            prog = ", ".join(
+                f"{k}: doc {v.get('last_doc_index')}" for k, v in cur.items() if isinstance(v, dict)
+            )
+        if s["error"]:
+            prog = f"error: {s['error']}"
+        lines.append(f"{s['name']:<24} {s['status']:<9} {s['elapsed_s']:>7.1f}s  {prog}")
+    if st["phases"]:
+        lines.append("")
+        lines.append(f"{'phase':<16} {'status':<9} {'step':>13} {'tokens':>12}  metrics")
+        for p in st["phases"]:
+            m = p["metrics"]
+            mtxt = " ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, int | float))
+            lines.append(
+                f"{p['name']:<16} {p['status']:<9} {p['step']:>6}/{p['total_steps']:<6} "
+                f"{p['tokens']:>12,}  {mtxt}"
+            )
+    if st["events"]:
+        lines.append("")
+        lines.append("recent events:")
+        for e in st["events"][-8:]:
+            ts = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
+            lines.append(f"  {ts} {e['stage'] or '-':<20} {e['kind']:<8} {e['message']}")
+    return "\n".join(lines)
+
+
+def status_json(run_dir: Path) -> str:
+    return json.dumps(status(run_dir), indent=2, default=str)

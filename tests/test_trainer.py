@@ -1,0 +1,122 @@
+"""Trainer: exact resume (bit-identical weights), checkpoints, retention, metrics, schedule use."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deeplm.config import config_from_dict
+from deeplm.train import checkpoint as ckpt
+from deeplm.train.trainer import PhaseTrainer, TrainHooks
+from tests.helpers import micro_config
+
+
+def _train(corpus, run_dir, cfg_dict, stop_after=None, optimizer="adamw"):
+    cfg_dict["phases"][0]["optimizer"] = optimizer
+    cfg = config_from_dict(cfg_dict)
+    calls = {"n": 0}
+
+    def should_stop():
+        calls["n"] += 1
+        return stop_after is not None and calls["n"] > stop_after
+
+    trainer = PhaseTrainer(
+        cfg,
+        0,
+        run_dir,
+        corpus["tokenizer"],
+        corpus["train"],
+        corpus["val"],
+        hooks=TrainHooks(should_stop=should_stop, log=lambda s: None),
+    )
+    return trainer.run(), trainer
+
+
+def _final_weights(outcome):
+    return load_file(f"{outcome.last_checkpoint}/{ckpt.WEIGHTS}")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_exact_resume_is_bit_identical(corpus, tmp_path, optimizer):
+    full, _ = _train(corpus, tmp_path / "full", micro_config(), optimizer=optimizer)
+    assert full.status == "done" and full.step == 6
+    # stop after 4 steps (a checkpoint is written at the stop), then resume to the end
+    part, _ = _train(corpus, tmp_path / "split", micro_config(), stop_after=4, optimizer=optimizer)
+    assert part.status == "stopped" and part.step == 4
+    resumed, _ = _train(corpus, tmp_path / "split", micro_config(), optimizer=optimizer)
+    assert resumed.status == "done" and resumed.step == 6
+    a, b = _final_weights(full), _final_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_resume_from_periodic_checkpoint_after_crash(corpus, tmp_path):
+    """Simulate a kill: drop everything after the step-4 checkpoint, resume from it."""
+    full, _ = _train(corpus, tmp_path / "full", micro_config(keep_last=10))
+    crash_dir = tmp_path / "crash"
+    _train(corpus, crash_dir, micro_config(keep_last=10))
+    phase_dir = crash_dir / "checkpoints" / "1-p1"
+    import shutil
+
+    for p in phase_dir.glob("step-*"):
+        if p.name != "step-0000004":
+            shutil.rmtree(p)
+    resumed, _ = _train(corpus, crash_dir, micro_config(keep_last=10))
+    assert resumed.status == "done" and not resumed.skipped
+    a, b = _final_weights(full), _final_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the metrics file holds one consistent history: no duplicated steps
+    recs = [json.loads(line) for line in (crash_dir / "metrics" / "p1.jsonl").open()]
+    train_steps = [r["step"] for r in recs if "loss" in r]
+    assert train_steps == sorted(set(train_steps))
+
+
+def test_finished_phase_is_skipped_and_val_loss_falls(corpus, tmp_path):
+    out, _ = _train(corpus, tmp_path, micro_config(tokens=20 * 4 * 64, eval_every=10))
+    assert out.val_loss < out.first_val_loss
+    again, _ = _train(corpus, tmp_path, micro_config(tokens=20 * 4 * 64, eval_every=10))
+    assert again.skipped and again.final_checkpoint == out.final_checkpoint
+
+
+def test_retention_keeps_final_and_last(corpus, tmp_path):
+    out, _ = _train(corpus, tmp_path, micro_config(tokens=9 * 4 * 64, save_every=2, keep_last=1))
+    names = sorted(p.name for p in (tmp_path / "checkpoints" / "1-p1").iterdir())
+    assert names == ["step-0000008", "step-0000009"]
+    meta = ckpt.read_meta(tmp_path / "checkpoints" / "1-p1" / "step-0000009")
+    assert meta["final"] and meta["keep"] and meta["tokenizer_hash"] == corpus["tokenizer"].hash
+
+
+def test_trainer_state_loads_with_weights_only(corpus, tmp_path):
+    out, _ = _train(corpus, tmp_path, micro_config())
+    state = torch.load(f"{out.last_checkpoint}/{ckpt.TRAINER_STATE}", weights_only=True)
+    assert state["step"] == 6 and state["tokens"] == 6 * 4 * 64
+    assert set(state["loader"]) >= {"epoch", "position"}
+    assert "torch" in state["rng"]
+
+
+def test_corrupted_checkpoint_is_moved_aside(corpus, tmp_path):
+    _train(corpus, tmp_path, micro_config(keep_last=10))
+    phase_dir = tmp_path / "checkpoints" / "1-p1"
+    final = phase_dir / "step-0000006"
+    data = bytearray((final / ckpt.WEIGHTS).read_bytes())
+    data[-10] ^= 0xFF
+    (final / ckpt.WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="sha256 mismatch"):
+        ckpt.verify(final)
+    latest = ckpt.latest_checkpoint(phase_dir)
+    assert latest is not None and latest.step == 4
+    assert (phase_dir / "step-0000006.corrupt").is_dir()
+
+
+def test_metrics_files_have_throughput_and_lr(corpus, tmp_path):
+    _train(corpus, tmp_path, micro_config())
+    recs = [json.loads(line) for line in (tmp_path / "metrics" / "p1.jsonl").open()]
+    train = [r for r in recs if "loss" in r]
+    assert len(train) == 6 and all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in train)
+    header = (tmp_path / "metrics" / "p1.csv").read_text().splitlines()[0]
+    assert "tokens_per_s" in header and "mfu" in header
+    assert list((tmp_path / "tensorboard" / "p1").glob("events.out.tfevents.*"))
