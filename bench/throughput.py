@@ -4,6 +4,10 @@ known), peak memory, for a preset's model at several precisions and with/without
 
     python bench/throughput.py --preset tiny --batch 16 --seq-len 256 --steps 10
     python bench/throughput.py --preset 60m --precision fp32 bf16 --compile off on
+    python bench/throughput.py --preset 60m --batch 4 --seq-len 512 --frozen 0 20 40
+
+Each configuration runs in its own process, so the peak memory figure (CUDA: max allocated;
+CPU: peak resident set size of that process) belongs to that configuration alone.
 
 Prints one line per configuration and, with ``--json FILE``, writes the results.
 """
@@ -30,13 +34,22 @@ from deeplm.train.device import (
 
 
 def bench_one(
-    cfg, device, precision: str, compile_: bool, batch: int, seq_len: int, steps: int, warmup: int
+    cfg,
+    device,
+    precision: str,
+    compile_: bool,
+    batch: int,
+    seq_len: int,
+    steps: int,
+    warmup: int,
+    frozen: int = 0,
 ) -> dict:
     torch.manual_seed(0)
     model = Transformer(cfg.model).to(device)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    model.set_frozen_layers(frozen)
     opt = torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],
         lr=1e-4,
         **({"fused": True} if device.type == "cuda" else {"foreach": True}),
     )
@@ -70,9 +83,12 @@ def bench_one(
     tok_s = batch * seq_len * steps / dt
     peak = peak_flops(device, dtype)
     mem = peak_memory_bytes(device)
+    if mem is None and device.type == "cpu":
+        mem = _peak_rss_bytes()
     return {
         "precision": precision,
         "compile": compile_,
+        "frozen": frozen,
         "batch": batch,
         "seq_len": seq_len,
         "tokens_per_s": tok_s,
@@ -82,6 +98,15 @@ def bench_one(
         "peak_memory_gb": mem / 2**30 if mem else None,
         "loss": float(loss.item()),
     }
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux KiB
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,13 +121,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument(
+        "--frozen",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="numbers of bottom layers frozen (e.g. 0 20 40)",
+    )
     ap.add_argument("--json", help="write results to this file")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(preset=args.preset)
     cfg.model.grad_checkpointing = args.grad_checkpointing
     device = select_device(args.device)
+    if args.one:  # child process: one configuration, result as JSON on the last line
+        spec = json.loads(args.one)
+        print(json.dumps(bench_one(cfg, device, **spec)))
+        return 0
     print(
         f"{args.preset}: {describe(cfg.model)} on {device} "
         f"({torch.get_num_threads()} threads, torch {torch.__version__})",
@@ -112,25 +149,26 @@ def main(argv: list[str] | None = None) -> int:
     for seq_len in args.seq_len:
         for precision in args.precision:
             for comp in args.compile:
-                r = bench_one(
-                    cfg,
-                    device,
-                    precision,
-                    comp == "on",
-                    args.batch,
-                    seq_len,
-                    args.steps,
-                    args.warmup,
-                )
-                results.append(r)
-                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
-                mem = f"{r['peak_memory_gb']:.2f} GB" if r["peak_memory_gb"] else "n/a"
-                print(
-                    f"  T={seq_len:<4} {precision:<4} compile={comp:<3} "
-                    f"{r['tokens_per_s']:>10,.0f} tok/s  {r['step_ms']:8.1f} ms/step  "
-                    f"first step {r['first_step_s']:6.1f}s  MFU {mfu}  peak mem {mem}",
-                    flush=True,
-                )
+                for frozen in args.frozen:
+                    spec = {
+                        "precision": precision,
+                        "compile_": comp == "on",
+                        "batch": args.batch,
+                        "seq_len": seq_len,
+                        "steps": args.steps,
+                        "warmup": args.warmup,
+                        "frozen": frozen,
+                    }
+                    r = _run_child(argv_base(args), spec)
+                    results.append(r)
+                    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+                    mem = f"{r['peak_memory_gb']:.2f} GB" if r["peak_memory_gb"] else "n/a"
+                    print(
+                        f"  T={seq_len:<4} {precision:<4} compile={comp:<3} frozen={frozen:<3}"
+                        f"{r['tokens_per_s']:>10,.0f} tok/s  {r['step_ms']:8.1f} ms/step  "
+                        f"first step {r['first_step_s']:6.1f}s  MFU {mfu}  peak mem {mem}",
+                        flush=True,
+                    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(
@@ -146,6 +184,26 @@ def main(argv: list[str] | None = None) -> int:
                 indent=2,
             )
     return 0
+
+
+def argv_base(args: argparse.Namespace) -> list[str]:
+    base = ["--preset", args.preset, "--device", args.device]
+    if args.threads:
+        base += ["--threads", str(args.threads)]
+    if args.grad_checkpointing:
+        base.append("--grad-checkpointing")
+    return base
+
+
+def _run_child(base: list[str], spec: dict) -> dict:
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, __file__, *base, "--one", json.dumps(spec)], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark configuration {spec} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -98,6 +98,13 @@ class SourceConfig:
     subset: str = ""
     max_docs: int = 0  # 0 = no limit
     max_chars: int = 0  # 0 = no limit; stop reading the source after this many characters
+    # "text": each record is a document. "instruction": each JSONL record holds a prompt and a
+    # response (fields below), formatted with the chat template into one document.
+    format: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    # Sources to read instead when this one cannot be reached (e.g. the Hugging Face hub offline).
+    fallback: list[SourceConfig] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
         if self.kind not in ("offline", "files", "hf"):
@@ -108,6 +115,12 @@ class SourceConfig:
             raise ConfigError(f"{where}.path is required for a files source")
         if self.max_docs < 0 or self.max_chars < 0:
             raise ConfigError(f"{where}.max_docs and max_chars must be >= 0")
+        if self.format not in ("text", "instruction"):
+            raise ConfigError(f"{where}.format must be text or instruction, not {self.format!r}")
+        if self.format == "instruction" and self.kind != "files":
+            raise ConfigError(f"{where}: format = 'instruction' needs a files source (JSONL)")
+        for i, fb in enumerate(self.fallback):
+            fb.validate(f"{where}.fallback[{i}]")
 
 
 @dataclass
@@ -124,11 +137,34 @@ class CleanConfig:
 
 
 @dataclass
+class ContextStage:
+    """From ``at`` (fraction of the phase's tokens) on, train at context ``seq_len``."""
+
+    at: float = 0.0
+    seq_len: int = 512
+
+
+@dataclass
+class FreezeStage:
+    """From ``at`` (fraction of the phase's tokens) on, the bottom ``layers`` blocks are frozen."""
+
+    at: float = 0.0
+    layers: int = 0
+
+
+TEXT_KINDS = ("code", "lists", "math", "chat", "forum")
+
+
+@dataclass
 class PhaseConfig:
     """One training phase: its data, budget and optimisation settings."""
 
     name: str = "phase1"
+    # "pretrain" phases feed the tokenizer; "finetune" data (the user's own) never does.
+    kind: str = "pretrain"
     sources: list[SourceConfig] = field(default_factory=list)
+    # Text kinds to drop from this phase's data: code, lists, math, chat, forum.
+    exclude_kinds: list[str] = field(default_factory=list)
     tokens: int = 1_000_000  # training budget in tokens
     val_fraction: float = 0.01
     seq_len: int = 512
@@ -148,11 +184,54 @@ class PhaseConfig:
     keep_last: int = 2  # periodic checkpoints kept per phase (the phase-final is always kept)
     sample_every: int = 0  # optimizer steps; 0 = at each evaluation
     sample_tokens: int = 48
+    long_sample_tokens: int = 0  # 0 = no long samples
     prompts: list[str] = field(default_factory=lambda: ["The", "It was a"])
+    # Context-length curriculum; empty = always seq_len. Tokens per optimizer step stay constant:
+    # at a shorter context the micro-batch grows (micro_batch * seq_len / context).
+    curriculum: list[ContextStage] = field(default_factory=list)
+    # Layer freezing schedule; empty = nothing frozen. A checkpoint is kept before each freeze.
+    freeze: list[FreezeStage] = field(default_factory=list)
+    # Rare-token loss weighting: weight ~ (frequency)^-alpha, clipped, mean 1; 0 = off.
+    rare_token_alpha: float = 0.0
+    rare_token_max_weight: float = 4.0
+    # Stop early when the validation loss has not improved by min_delta for `patience` evals.
+    plateau_patience: int = 0
+    plateau_min_delta: float = 0.0
+    # LoRA adapters (rank 0 = off) on these projections; merged into the weights at phase end.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.up", "mlp.down"]
+    )
+    # Divergence handling: roll back to the last good checkpoint on NaN/Inf loss or a grad-norm
+    # spike (> spike_factor x its running mean; 0 = off), halve the LR and double the warmup.
+    max_rollbacks: int = 3
+    spike_factor: float = 0.0
 
     @property
     def tokens_per_step(self) -> int:
         return self.seq_len * self.micro_batch * self.grad_accum
+
+    def context_at(self, step: int) -> int:
+        """Context length for optimizer step ``step`` (0-based) under the curriculum."""
+        length = self.seq_len
+        frac = step / self.total_steps
+        for stage in sorted(self.curriculum, key=lambda c: c.at):
+            if frac >= stage.at:
+                length = stage.seq_len
+        return length
+
+    def micro_batch_at(self, step: int) -> int:
+        return self.micro_batch * self.seq_len // self.context_at(step)
+
+    def frozen_at(self, step: int) -> int:
+        """Number of bottom blocks frozen at optimizer step ``step`` (0-based)."""
+        n = 0
+        frac = step / self.total_steps
+        for stage in sorted(self.freeze, key=lambda f: f.at):
+            if frac >= stage.at:
+                n = stage.layers
+        return n
 
     @property
     def total_steps(self) -> int:
@@ -183,9 +262,49 @@ class PhaseConfig:
             raise ConfigError(
                 f"{where}.optimizer must be adamw or adafactor, not {self.optimizer!r}"
             )
-        for name in ("eval_every", "save_every", "sample_every", "keep_last"):
+        for name in (
+            "eval_every",
+            "save_every",
+            "sample_every",
+            "keep_last",
+            "plateau_patience",
+            "lora_rank",
+            "max_rollbacks",
+            "long_sample_tokens",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}.{name} must be >= 0")
+        if self.kind not in ("pretrain", "finetune"):
+            raise ConfigError(f"{where}.kind must be pretrain or finetune, not {self.kind!r}")
+        for kind in self.exclude_kinds:
+            if kind not in TEXT_KINDS:
+                raise ConfigError(
+                    f"{where}.exclude_kinds: unknown kind {kind!r} (known: {', '.join(TEXT_KINDS)})"
+                )
+        for i, c in enumerate(self.curriculum):
+            if not 0.0 <= c.at < 1.0:
+                raise ConfigError(f"{where}.curriculum[{i}].at must be in [0, 1), got {c.at}")
+            if (
+                c.seq_len <= 0
+                or c.seq_len > self.seq_len
+                or (self.seq_len * self.micro_batch) % (c.seq_len)
+            ):
+                raise ConfigError(
+                    f"{where}.curriculum[{i}].seq_len must be positive, at most seq_len "
+                    f"({self.seq_len}) and divide seq_len * micro_batch "
+                    f"({self.seq_len * self.micro_batch}) so tokens per step stay constant"
+                )
+        for i, f in enumerate(self.freeze):
+            if not 0.0 <= f.at < 1.0 or f.layers < 0:
+                raise ConfigError(
+                    f"{where}.freeze[{i}]: at must be in [0, 1) and layers >= 0, got {f}"
+                )
+        if self.rare_token_alpha < 0 or self.rare_token_max_weight < 1:
+            raise ConfigError(
+                f"{where}: rare_token_alpha must be >= 0 and rare_token_max_weight >= 1"
+            )
+        if self.spike_factor < 0:
+            raise ConfigError(f"{where}.spike_factor must be >= 0")
 
 
 @dataclass
@@ -225,11 +344,19 @@ class RunConfig:
             raise ConfigError("tokenizer.vocab_size must be at least 300 (256 bytes + specials)")
         if not self.phases:
             raise ConfigError("phases: at least one phase is required")
+        if not any(p.kind == "pretrain" for p in self.phases):
+            raise ConfigError("phases: at least one phase must be kind = 'pretrain'")
         names = [p.name for p in self.phases]
         if len(set(names)) != len(names):
             raise ConfigError(f"phase names must be unique, got {names}")
         for i, phase in enumerate(self.phases):
             phase.validate(f"phases[{i}]")
+            for f in phase.freeze:
+                if f.layers > self.model.n_layers:
+                    raise ConfigError(
+                        f"phases[{i}].freeze: cannot freeze {f.layers} of "
+                        f"{self.model.n_layers} layers"
+                    )
             if phase.seq_len > self.model.max_seq_len:
                 raise ConfigError(
                     f"phases[{i}].seq_len ({phase.seq_len}) exceeds model.max_seq_len "
@@ -362,6 +489,16 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
 
 
+def preset_base_dir() -> Path:
+    """Where a preset's relative source paths resolve: the repository root of a source checkout
+    (the presets' fine-tuning data is the project's own documentation), else the current
+    directory."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "docs").is_dir():
+        return root
+    return Path.cwd()
+
+
 def preset_path(name: str) -> Path:
     path = PRESETS_DIR / f"{name}.toml"
     if not path.is_file():
@@ -389,14 +526,14 @@ def load_config(
 ) -> RunConfig:
     """Load a preset or a TOML file, apply overrides, validate.
 
-    Relative ``files`` source paths resolve against the config file's folder (for presets: the
-    current directory).
+    Relative ``files`` source paths resolve against the config file's folder (for presets: see
+    :func:`preset_base_dir`).
     """
     if (preset is None) == (config_file is None):
         raise ConfigError("give exactly one of a preset name or a config file")
     if preset is not None:
         path = preset_path(preset)
-        base_dir = Path.cwd()
+        base_dir = preset_base_dir()
     else:
         path = Path(config_file).expanduser().resolve()
         base_dir = path.parent

@@ -414,8 +414,12 @@ def tokenize_to_shard(
     on_progress: Callable[[ShardCursor], None] | None = None,
     batch_docs: int = 256,
     should_stop: Callable[[], bool] | None = None,
+    allow_special: bool = False,
 ) -> ShardMeta:
     """Tokenize the docs JSONL at ``docs_path`` into the shard at ``out_prefix``.
+
+    ``allow_special`` encodes special-token strings in the text (``<|user|>``...) as their ids:
+    for chat-formatted fine-tuning documents only.
 
     ``cursor=None`` (or a zero cursor) starts from scratch, discarding any partial or previous
     shard; a non-zero cursor resumes (see the module docstring). If the shard is already complete
@@ -466,7 +470,11 @@ def tokenize_to_shard(
             if not batch:
                 break
             tokens, starts = _pack_batch(
-                tokenizer.encode_batch(batch), cur.n_tokens, bos, eos, dtype
+                tokenizer.encode_batch(batch, allow_special=allow_special),
+                cur.n_tokens,
+                bos,
+                eos,
+                dtype,
             )
             fbin.write(tokens.tobytes())
             fidx.write(starts.tobytes())

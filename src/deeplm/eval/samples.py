@@ -21,6 +21,7 @@ def sample_texts(
     temperature: float = 0.8,
     top_k: int | None = 50,
     top_p: float | None = None,
+    allow_special: bool = False,
 ) -> list[dict[str, str]]:
     """Generate one continuation per prompt; returns ``[{"prompt", "completion"}]``."""
     was_training = model.training
@@ -30,7 +31,7 @@ def sample_texts(
         for i, prompt in enumerate(prompts):
             gen = torch.Generator(device=device)
             gen.manual_seed(seed + i)
-            ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+            ids = [tokenizer.bos_id] + tokenizer.encode(prompt, allow_special=allow_special)
             idx = torch.tensor([ids], dtype=torch.long, device=device)
             result = generate(
                 model,

@@ -206,6 +206,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.n_frozen = 0
         self.init_weights()
 
     # ------------------------------------------------------------------ init and bookkeeping
@@ -230,6 +231,18 @@ class Transformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         self.rope.reset_parameters()
+
+    def set_frozen_layers(self, n: int) -> None:
+        """Freeze the bottom ``n`` blocks: their parameters stop requiring gradients and, in
+        training, they run under ``no_grad`` (no stored activations, no backward compute, no
+        optimizer updates). ``n = 0`` unfreezes everything. The token embedding stays trainable
+        (tied, it still learns through the LM head)."""
+        if not 0 <= n <= len(self.blocks):
+            raise ValueError(f"cannot freeze {n} of {len(self.blocks)} blocks")
+        self.n_frozen = int(n)
+        for i, block in enumerate(self.blocks):
+            for p in block.parameters():
+                p.requires_grad_(i >= n)
 
     def set_grad_checkpointing(self, flag: bool) -> None:
         """Recompute each block's activations in backward (training only) to save memory."""
@@ -259,10 +272,16 @@ class Transformer(nn.Module):
         t = idx.size(1)
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
-        x = self.embd_drop(self.tok_emb(idx))
+        frozen = self.n_frozen if torch.is_grad_enabled() else 0
+        with torch.set_grad_enabled(torch.is_grad_enabled() and frozen == 0):
+            x = self.embd_drop(self.tok_emb(idx))
         cos, sin = self.rope(x, t)
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        if frozen:
+            with torch.no_grad():  # frozen bottom: no graph, no activations kept for backward
+                for block in self.blocks[:frozen]:
+                    x = block(x, cos, sin)
+        for block in self.blocks[frozen:]:
             if use_ckpt:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:

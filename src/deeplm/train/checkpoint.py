@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from deeplm.atomic import sha256_file
+from deeplm.atomic import atomic_write_text, fsync_dir, sha256_file
 
 WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer.pt"
@@ -42,16 +42,6 @@ class Checkpoint:
 
 def step_dir(phase_dir: Path, step: int) -> Path:
     return phase_dir / f"step-{step:07d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:
@@ -84,11 +74,11 @@ def save_checkpoint(
         digests[name] = sha256_file(tmp / name)
     (tmp / DONE).write_text(json.dumps(digests, indent=2, sort_keys=True))
     _fsync_file(tmp / DONE)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # an incomplete leftover of an earlier crash
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(phase_dir)
+    fsync_dir(phase_dir)
     return final
 
 
@@ -161,9 +151,22 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
 
 
+KEEP = "KEEP"
+
+
+def mark_keep(path: Path, reason: str) -> None:
+    """Protect a complete checkpoint from retention (a ``KEEP`` file beside its files; it is not
+    part of the checkpoint's digests, so marking never touches the checkpoint itself)."""
+    atomic_write_text(path / KEEP, reason + "\n")
+
+
+def is_kept(ckpt: Checkpoint) -> bool:
+    return bool(ckpt.meta.get("keep")) or (ckpt.path / KEEP).is_file()
+
+
 def apply_retention(phase_dir: Path, keep_last: int) -> list[Path]:
     """Delete old periodic checkpoints; never those marked ``keep`` (final, pre-freeze)."""
-    periodic = [c for c in list_checkpoints(phase_dir) if not c.meta.get("keep")]
+    periodic = [c for c in list_checkpoints(phase_dir) if not is_kept(c)]
     doomed = periodic[:-keep_last] if keep_last > 0 else periodic[:-1]
     removed = []
     for ckpt in doomed:

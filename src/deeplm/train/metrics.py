@@ -13,18 +13,10 @@ from pathlib import Path
 from typing import Any
 
 CSV_FIELDS = [
-    "step",
-    "tokens",
-    "loss",
-    "lr",
-    "grad_norm",
-    "tokens_per_s",
-    "mfu",
-    "seq_len",
-    "val_loss",
-    "val_ppl",
-    "elapsed_s",
-]
+    "step", "tokens", "loss", "loss_unweighted", "lr", "grad_norm", "tokens_per_s", "mfu",
+    "seq_len", "micro_batch", "frozen_layers", "val_loss", "val_ppl", "distinct_1",
+    "distinct_2", "rare_token_rate", "elapsed_s",
+]  # fmt: skip
 
 
 class MetricsLogger:
@@ -57,6 +49,12 @@ class MetricsLogger:
                 )
             except ImportError:  # tensorboard is a dependency, but keep training if it is broken
                 self._tb = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows past ``step`` while logging (after a rollback); appends continue after."""
+        self._jsonl.flush()
+        self._csv_fh.flush()
+        self._truncate_after(step)
 
     def _truncate_after(self, step: int) -> None:
         """Drop rows with step > ``step`` (they belong to work redone after a resume)."""

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from deeplm.atomic import atomic_replace
-from deeplm.config import RunConfig
+from deeplm.config import RunConfig, SourceConfig
 from deeplm.data.clean import CleanStats, Deduper, clean_documents, split_for
+from deeplm.data.instructions import iter_instructions, scrub_special
+from deeplm.data.kinds import excluded_kind
 from deeplm.data.shards import (
     Shard,
     ShardCursor,
@@ -30,7 +32,7 @@ from deeplm.data.shards import (
     is_shard_complete,
     tokenize_to_shard,
 )
-from deeplm.data.sources import SourceStats, iter_source
+from deeplm.data.sources import Document, SourceError, SourceStats, iter_source
 from deeplm.tokenizer import Tokenizer, train_tokenizer
 from deeplm.train import checkpoint as ckpt
 from deeplm.train.trainer import PhaseTrainer, TrainHooks, phase_dir
@@ -112,6 +114,33 @@ def _record(
 # ---------------------------------------------------------------------------- prepare
 
 
+def source_documents(
+    src: SourceConfig,
+    base_dir: Path,
+    stats: SourceStats,
+    log: Callable[[str], None],
+    used: list[str],
+) -> Iterator[Document]:
+    """Documents of ``src``; if it cannot be opened (e.g. the hub is unreachable) and it has
+    fallbacks, say so clearly and read the fallbacks instead (their labels go into ``used``)."""
+    it = iter_source(src, base_dir, stats)
+    try:
+        first = next(it)
+    except StopIteration:
+        return
+    except SourceError as exc:
+        if not src.fallback:
+            raise
+        names = ", ".join(f"{f.kind}:{f.name or f.path}" for f in src.fallback)
+        log(f"[prepare] {exc} -- using the fallback source(s) instead: {names}")
+        for fb in src.fallback:
+            used.append(f"{fb.kind}:{fb.name or fb.path}")
+            yield from source_documents(fb, base_dir, stats, log, used)
+        return
+    yield first
+    yield from it
+
+
 def _write_jsonl_atomic(path: Path, docs: Iterator[str]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -166,6 +195,7 @@ def prepare(ctx: RunContext) -> dict[str, Any]:
                     raise StageStopped(f"prepare stopped before {key}")
                 ctx.log(f"[prepare] {phase.name}: reading {src.kind}:{src.name or src.path}")
                 sstats, cstats = SourceStats(), CleanStats()
+                used: list[str] = []
                 tmp_files = {s: parts_dir / f".{i}.{s}.jsonl.tmp-{os.getpid()}" for s in SPLITS}
                 parts_dir.mkdir(parents=True, exist_ok=True)
                 handles = {
@@ -173,10 +203,26 @@ def prepare(ctx: RunContext) -> dict[str, Any]:
                 }  # noqa: SIM115
                 counts = {s: 0 for s in SPLITS}
                 try:
-                    docs = clean_documents(
-                        iter_source(src, base_dir, sstats), cfg.clean, cstats, deduper=dedup
-                    )
+                    if src.format == "instruction":
+                        docs = (
+                            d
+                            for d in iter_instructions(src, base_dir, sstats)
+                            if not (cfg.clean.dedup and dedup.seen(d.text))
+                        )
+                    else:
+                        docs = clean_documents(
+                            source_documents(src, base_dir, sstats, ctx.log, used),
+                            cfg.clean,
+                            cstats,
+                            deduper=dedup,
+                        )
                     for doc in docs:
+                        kind = excluded_kind(doc.text, phase.exclude_kinds)
+                        if kind is not None:
+                            cstats.drop(f"kind:{kind}")
+                            continue
+                        if phase.kind == "finetune" and src.format == "text":
+                            doc = Document(scrub_special(doc.text), doc.source, doc.doc_id)
                         split = split_for(doc.text, phase.val_fraction, cfg.seed)
                         handles[split].write(json.dumps({"text": doc.text}, ensure_ascii=False))
                         handles[split].write("\n")
@@ -201,6 +247,7 @@ def prepare(ctx: RunContext) -> dict[str, Any]:
                 info = {
                     "source": f"{src.kind}:{src.name or src.path}",
                     "read": asdict(sstats),
+                    "fallback_used": used,
                     "clean": asdict(cstats),
                     "train_docs": counts["train"],
                     "val_docs": counts["val"],
@@ -252,7 +299,8 @@ def train_tokenizer_activity(ctx: RunContext) -> dict[str, Any]:
 
         def texts() -> Iterator[str]:
             for phase in ctx.cfg.phases:
-                yield from _iter_jsonl_texts(docs_path(ctx.run_dir, phase.name, "train"))
+                if phase.kind == "pretrain":  # the user's fine-tuning data never shapes the ids
+                    yield from _iter_jsonl_texts(docs_path(ctx.run_dir, phase.name, "train"))
 
         t0 = time.perf_counter()
         ctx.log(f"[tokenizer] training byte-level BPE, vocab {ctx.cfg.tokenizer.vocab_size}")
@@ -323,12 +371,13 @@ def tokenize(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
                         cursor=start,
                         on_progress=commit,
                         should_stop=ctx.should_stop,
+                        allow_special=phase.kind == "finetune",
                     )
                 except ShardResumeError as exc:
                     ctx.db.log_event(
                         stage,
                         "restart",
-                        f"{split}: cannot resume ({exc}); " "tokenizing from the first document",
+                        f"{split}: cannot resume ({exc}); tokenizing from the first document",
                     )
                     meta = tokenize_to_shard(
                         docs,
@@ -337,6 +386,7 @@ def tokenize(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
                         cursor=None,
                         on_progress=commit,
                         should_stop=ctx.should_stop,
+                        allow_special=phase.kind == "finetune",
                     )
             bin_path = Path(f"{prefix}.bin")
             _record(
@@ -414,7 +464,12 @@ def train_phase(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
         train_shard,
         val_shard,
         init_from=init_from,
-        hooks=TrainHooks(on_progress=on_progress, should_stop=ctx.should_stop, log=ctx.log),
+        hooks=TrainHooks(
+            on_progress=on_progress,
+            should_stop=ctx.should_stop,
+            log=ctx.log,
+            on_event=lambda kind, msg, data: ctx.db.log_event(stage, kind, msg, data),
+        ),
     )
     try:
         outcome = trainer.run()
@@ -443,6 +498,8 @@ def train_phase(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
         "val_loss": outcome.val_loss,
         "tokens_per_s": outcome.tokens_per_s,
         "samples": outcome.samples,
+        "stop_reason": outcome.stop_reason,
+        "rollbacks": outcome.rollbacks,
     }
     weights = Path(outcome.final_checkpoint) / ckpt.WEIGHTS
     _record(

@@ -281,16 +281,20 @@ class StateDB:
                 (json.dumps(cursor, sort_keys=True), name),
             )
 
+    @staticmethod
+    def _elapsed(c: sqlite3.Connection, name: str, now: float) -> float:
+        """Wall time spent in a stage over all attempts, including the running one."""
+        r = c.execute("SELECT started_at, elapsed_s FROM stages WHERE name = ?", (name,)).fetchone()
+        if r is None:
+            return 0.0
+        return (r["elapsed_s"] or 0.0) + (now - r["started_at"] if r["started_at"] else 0.0)
+
     def finish_stage(
         self, name: str, outputs: dict[str, Any] | None = None, message: str | None = None
     ) -> None:
         now = time.time()
         with self._tx() as c:
-            row = c.execute("SELECT started_at, elapsed_s FROM stages WHERE name = ?", (name,))
-            r = row.fetchone()
-            elapsed = (r["elapsed_s"] or 0.0) + (
-                now - r["started_at"] if r and r["started_at"] else 0
-            )
+            elapsed = self._elapsed(c, name, now)
             c.execute(
                 "UPDATE stages SET status='done', outputs_json=?, finished_at=?, elapsed_s=? "
                 "WHERE name=?",
@@ -301,11 +305,7 @@ class StateDB:
     def fail_stage(self, name: str, error: str) -> None:
         now = time.time()
         with self._tx() as c:
-            r = c.execute("SELECT started_at, elapsed_s FROM stages WHERE name = ?", (name,))
-            r = r.fetchone()
-            elapsed = (r["elapsed_s"] or 0.0) + (
-                now - r["started_at"] if r and r["started_at"] else 0
-            )
+            elapsed = self._elapsed(c, name, now)
             c.execute(
                 "UPDATE stages SET status='failed', error=?, elapsed_s=?, started_at=NULL "
                 "WHERE name=?",
@@ -317,11 +317,7 @@ class StateDB:
         """Stop a running stage without failing it (cancel, interrupt): the cursor stays."""
         now = time.time()
         with self._tx() as c:
-            r = c.execute("SELECT started_at, elapsed_s FROM stages WHERE name = ?", (name,))
-            r = r.fetchone()
-            elapsed = (r["elapsed_s"] or 0.0) + (
-                now - r["started_at"] if r and r["started_at"] else 0
-            )
+            elapsed = self._elapsed(c, name, now)
             c.execute(
                 "UPDATE stages SET status='paused', elapsed_s=?, started_at=NULL WHERE name=?",
                 (elapsed, name),
