@@ -1,4 +1,8 @@
-"""The ``deeplm`` command: run the pipeline, show a run's status, sample from a run, list presets.
+"""The ``deeplm`` command: train, inspect, sample, chat, evaluate, export and serve models.
+
+Subcommands: run the pipeline, show a run's status, sample from or chat with a model, evaluate a
+checkpoint, export it for Hugging Face ``transformers``, serve an OpenAI-compatible API, list
+presets.
 
 Every subcommand prints a clear one-line error (and exits 2) for bad input: an unknown preset,
 an invalid config key or value, a missing run directory.
@@ -49,12 +53,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)
     if args.no_progress:
         cfg.train.progress = False
+    if getattr(args, "orchestrator", "local") == "temporal":
+        from deeplm.workflows.temporal_client import hard_exit, start_command
+
+        hard_exit(start_command(args, cfg))  # leaves via os._exit (temporalio/sdk-python#300)
     run_dir = Path(args.run_dir or f"runs/{cfg.name}")
     flag = _StopFlag()
     flag.install()
     print(f"deeplm run: preset/config {args.preset or args.config} -> {run_dir}", flush=True)
-    summary = run_local(run_dir, cfg, should_stop=flag)
+    summary = run_local(run_dir, cfg, should_stop=flag, data_only=args.command == "prepare")
     return 0 if summary["status"] in ("done",) else 3
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from deeplm.workflows.worker import hard_exit, run_worker_command
+
+    hard_exit(run_worker_command(args))  # leaves via os._exit (temporalio/sdk-python#300)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -65,52 +79,239 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """Where a model comes from: a run, a checkpoint, or an export folder."""
+    p.add_argument("--run-dir", help="a run directory (uses its newest checkpoint)")
+    p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's newest)")
+    p.add_argument("--model", help="an export folder (deeplm export --format hf) instead of a run")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+
+
+def _load_model(args: argparse.Namespace):  # -> deeplm.export.LoadedModel
+    from deeplm.export import load_model
+
+    if not (args.run_dir or args.checkpoint or args.model):
+        raise ValueError("give --run-dir, --checkpoint or --model")
+    return load_model(
+        run_dir=args.run_dir, checkpoint=args.checkpoint, hf_dir=args.model, device=args.device
+    )
+
+
+def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.0, help="0 = off")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats; 1 = off"
+    )
+    p.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    return dict(
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p or None,
+        repetition_penalty=args.repetition_penalty,
+        stop=[s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop],  # --stop '\n'
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from deeplm.model import generate
-    from deeplm.tokenizer import Tokenizer
-    from deeplm.train import checkpoint as ckpt
-    from deeplm.train.device import select_device
-    from deeplm.train.trainer import build_model
-    from deeplm.workflows.activities import latest_model_checkpoint, tokenizer_path
-    from deeplm.workflows.local import load_run_config
+    from deeplm.model.generate import TextStream
 
-    run_dir = Path(args.run_dir)
-    cfg = load_run_config(run_dir)
-    path = Path(args.checkpoint) if args.checkpoint else latest_model_checkpoint(run_dir, cfg)
-    if path is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint yet; train first (deeplm run)")
-    tok = Tokenizer.load(tokenizer_path(run_dir))
-    meta = ckpt.read_meta(path)
-    if meta.get("tokenizer_hash") not in (None, tok.hash):
-        raise RuntimeError(f"{path} was trained with another tokenizer than {run_dir}'s")
-    device = select_device(args.device)
-    model = build_model(cfg, cfg.seed)
-    ckpt.load_weights(path, model)
-    model.to(device).eval()
-    gen = torch.Generator(device=device)
-    gen.manual_seed(args.seed)
+    lm = _load_model(args)
+    tok = lm.tokenizer
     ids = [tok.bos_id] + tok.encode(args.prompt)
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    gen = torch.Generator(device=lm.device)
+    gen.manual_seed(args.seed)
+    kwargs = _sampling_kwargs(args)
     for i in range(args.num_samples):
-        out = generate(
-            model,
-            idx,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k or None,
-            top_p=args.top_p or None,
-            eos_id=tok.eos_id,
-            generator=gen,
-        )
-        new = out[0, len(ids) :].tolist()
-        if tok.eos_id in new:
-            new = new[: new.index(tok.eos_id)]
         if args.num_samples > 1:
-            print(f"--- sample {i + 1} ---")
-        print(args.prompt + tok.decode(new), flush=True)
-    print(f"(checkpoint: {path})", file=sys.stderr)
+            print(f"--- sample {i + 1} ---", flush=True)
+        stream = TextStream(lm.model, tok, ids, args.max_new_tokens, generator=gen, **kwargs)
+        if args.stream:
+            sys.stdout.write(args.prompt)
+            sys.stdout.flush()
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        else:
+            print(args.prompt + "".join(stream), flush=True)
+    print(f"(checkpoint: {lm.source})", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from deeplm.chat import format_chat, stop_token_ids
+    from deeplm.model.generate import TextStream
+
+    lm = _load_model(args)
+    tok = lm.tokenizer
+    budget = lm.cfg.max_seq_len - args.max_new_tokens
+    if budget < 8:
+        raise ValueError(
+            f"--max-new-tokens {args.max_new_tokens} leaves no room for the conversation in the "
+            f"context of {lm.cfg.max_seq_len} tokens"
+        )
+    stops = stop_token_ids(tok)  # also checks that the tokenizer has the chat tokens
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    gen = torch.Generator(device=lm.device)
+    gen.manual_seed(args.seed)
+    kwargs = _sampling_kwargs(args)
+    interactive = sys.stdin.isatty()
+    print(
+        f"chatting with {lm.name} ({lm.source}); /reset clears the history, /exit quits",
+        file=sys.stderr,
+    )
+    while True:
+        try:
+            line = input("you> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and line == "":
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        enc = format_chat(tok, system + history, budget)
+        if enc.dropped_messages:
+            history = history[enc.dropped_messages :]
+            print(
+                f"(dropped the {enc.dropped_messages} oldest messages to fit the context)",
+                file=sys.stderr,
+            )
+        stream = TextStream(
+            lm.model,
+            tok,
+            enc.ids,
+            args.max_new_tokens,
+            stop_token_ids=stops,
+            generator=gen,
+            **kwargs,
+        )
+        sys.stdout.write("assistant> ")
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": stream.text})
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from deeplm.eval.suite import SuiteOptions, evaluate_checkpoint, summary
+
+    opts = SuiteOptions.quick() if args.quick else SuiteOptions()
+    if args.grammar_pairs is not None:
+        opts.grammar_pairs = args.grammar_pairs
+    if args.eval_batches is not None:
+        opts.eval_batches = args.eval_batches
+    if args.probe_file:
+        opts.probe_file = args.probe_file
+    if args.samples is not None:
+        opts.richness_samples = args.samples
+    if args.checkpoint and not args.run_dir:
+        from deeplm.export import run_dir_of_checkpoint
+
+        args.run_dir = run_dir_of_checkpoint(Path(args.checkpoint))
+    if not args.run_dir:
+        raise ValueError("give --run-dir (and optionally --checkpoint)")
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    res = evaluate_checkpoint(
+        args.run_dir, args.checkpoint, opts, args.out, device=args.device, log=log
+    )
+    head = summary(res) | {"paths": res["paths"], "checkpoint": res["checkpoint"]}
+    if args.json:
+        print(json.dumps(head, indent=2, default=str))
+        return 0
+    for name, r in head["per_phase"].items():
+        print(
+            f"{name}: val loss {r['val_loss']:.4f}, perplexity {r['val_ppl']:.1f}, "
+            f"{r['bpb']:.4f} bits/byte"
+        )
+    pr = head["probes"]
+    print(
+        f"probes: completion {pr['completion_accuracy']:.1%}, "
+        f"reasoning {pr['reasoning_accuracy']:.1%}"
+    )
+    g = head["grammar"]
+    cats = ", ".join(f"{k} {v:.1%}" for k, v in g["categories"].items())
+    print(f"grammar: {g['accuracy']:.1%} of {g['n']} pairs ({cats})")
+    rich = head["richness"]
+    print("richness: " + ", ".join(f"{k} {v:.3f}" for k, v in rich.items() if v is not None))
+    print(f"results: {res['paths']['eval_json']}\nreport: {res['paths']['report']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from deeplm.export import export_hf
+    from deeplm.export.hf import ARCHITECTURES, verify_export
+
+    if args.format != "hf":
+        raise ValueError(f"unknown export format {args.format!r} (supported: hf)")
+    args.model = None
+    lm = _load_model(args)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    out = export_hf(
+        lm.model,
+        lm.tokenizer,
+        args.out,
+        dtype=dtype,
+        source={"run": lm.name, "checkpoint": str(lm.source)},
+    )
+    arch = ARCHITECTURES[lm.cfg.activation]
+    print(f"exported {lm.source} -> {out} (transformers {arch})")
+    if args.verify:
+        try:
+            diff = verify_export(out, lm.model)
+        except ImportError as exc:
+            msg = f"--verify needs transformers: pip install 'deeplm[hf]' ({exc})"
+            raise RuntimeError(msg) from None
+        print(f"verified with transformers: max |logit difference| {diff:.3g}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from deeplm.serve import serve
+
+    lm = _load_model(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}, reachable from other machines", file=sys.stderr)
+    serve(
+        lm,
+        host=args.host,
+        port=args.port,
+        model_id=args.model_name,
+        api_key=args.api_key or os.environ.get("DEEPLM_API_KEY") or None,
+        quiet=args.quiet,
+        log=lambda s: print(s, flush=True),
+    )
     return 0
 
 
@@ -142,6 +343,34 @@ def build_parser() -> argparse.ArgumentParser:
     cfg_args(p)
     p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--orchestrator",
+        choices=("local", "temporal"),
+        default="local",
+        help="local: in this process (default); temporal: through a Temporal workflow",
+    )
+    p.add_argument(
+        "--temporal-address",
+        help="Temporal server host:port (default $DEEPLM_TEMPORAL_ADDRESS, else 127.0.0.1:7233, "
+        "where a local dev server is started when none answers)",
+    )
+    p.add_argument(
+        "--with-worker", action="store_true", help="temporal: also run a worker for this run"
+    )
+    p.set_defaults(fn=cmd_run)
+
+    from deeplm.workflows.worker import build_parser as worker_parser
+
+    p = sub.add_parser("worker", help="run a Temporal worker for the pipeline's task queues")
+    worker_parser(p)
+    p.set_defaults(fn=cmd_worker)
+
+    p = sub.add_parser(
+        "prepare", help="only the data stages: prepare, tokenizer, tokenize (resumable)"
+    )
+    cfg_args(p)
+    p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("status", help="show a run's stages, phases, progress and metrics")
@@ -150,17 +379,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_status)
 
     p = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
-    p.add_argument("--run-dir", required=True)
+    _model_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--checkpoint", help="a checkpoint folder (default: the newest)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="0 = off")
-    p.add_argument("--top-p", type=float, default=0.0, help="0 = off")
+    _sampling_args(p, temperature=0.8)
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model (multi-turn; reads stdin)")
+    _model_args(p)
+    _sampling_args(p, temperature=0.7)
+    p.add_argument("--system", help="a system message put before the conversation")
+    p.set_defaults(fn=cmd_chat, max_new_tokens=128)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: loss, bits/byte, probes, grammar")
+    p.add_argument("--run-dir", help="the run directory")
+    p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's newest)")
+    p.add_argument("--out", help="output folder (default <run-dir>/eval)")
+    p.add_argument("--quick", action="store_true", help="the capped suite of the pipeline")
+    p.add_argument("--grammar-pairs", type=int, help="score at most this many grammar pairs")
+    p.add_argument("--eval-batches", type=int, help="validation batches per phase")
+    p.add_argument("--probe-file", help="a probe file (default: the packaged probes_v1.json)")
+    p.add_argument("--samples", type=int, help="generated samples for vocabulary richness")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("export", help="export a checkpoint for Hugging Face transformers")
+    p.add_argument("--format", default="hf", choices=["hf"])
+    p.add_argument("--run-dir", help="a run directory (uses its newest checkpoint)")
+    p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's newest)")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--verify", action="store_true", help="load it with transformers and compare logits"
+    )
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--model-name", help="the model id clients use (default: the run's name)")
+    p.add_argument("--api-key", help="require this bearer key (or set DEEPLM_API_KEY)")
+    p.add_argument("--quiet", action="store_true", help="no access log")
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("presets", help="list presets with their exact parameter counts")
     p.set_defaults(fn=cmd_presets)

@@ -375,9 +375,12 @@ class RunConfig:
         return asdict(self)
 
     def fingerprint(self) -> str:
-        """Stable JSON of the config (used to detect a changed config on a resumed run)."""
+        """Stable JSON of what defines a run's results (a resumed run must match it). The
+        ``train`` section (device, precision, compile, threads, logging) and ``base_dir`` are
+        left out: they may change between resumes, e.g. to continue a run on another machine."""
         d = self.to_dict()
         d.pop("base_dir", None)
+        d.pop("train", None)
         return json.dumps(d, sort_keys=True)
 
 

@@ -1,5 +1,13 @@
-"""The run report: final model evaluated on every phase's validation data, samples, stage
-timings, and loss curves rendered to PNG, written to ``<run_dir>/report.md``."""
+"""The run report: the final model evaluated by the suite (:mod:`deeplm.eval.suite`): loss,
+perplexity and bits per byte on every phase's validation data, behavioral probes, grammar
+accuracy, vocabulary richness, a table of samples, stage timings, and loss curves rendered to PNG
+(all phases in one figure plus one per phase), written to ``<run_dir>/report.md`` with the full
+results in ``<run_dir>/report/eval.json``.
+
+The pipeline's ``evaluate`` stage calls :func:`evaluate_run`; it runs the suite with the caps of
+:meth:`SuiteOptions.quick` (override with ``ctx.extra["eval_options"]``, a
+:class:`~deeplm.eval.suite.SuiteOptions`), while ``deeplm eval`` runs all of it.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +15,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from deeplm.atomic import atomic_write_text
-from deeplm.data.shards import Shard
-from deeplm.eval.perplexity import evaluate_loss, perplexity
-from deeplm.eval.samples import sample_texts
+from deeplm.config import RunConfig
+from deeplm.eval.suite import SuiteOptions, run_suite, summary, write_results
+from deeplm.tokenizer import Tokenizer
 from deeplm.train import checkpoint as ckpt
 from deeplm.train.device import autocast_dtype, select_device
 from deeplm.train.metrics import read_jsonl
@@ -20,6 +26,7 @@ from deeplm.train.trainer import build_model
 
 if TYPE_CHECKING:
     from deeplm.workflows.activities import RunContext
+    from deeplm.workflows.state_db import StateDB
 
 
 def plot_losses(run_dir: Path, phases: list[str], out: Path) -> bool:
@@ -55,8 +62,215 @@ def plot_losses(run_dir: Path, phases: list[str], out: Path) -> bool:
     return drawn
 
 
+def write_loss_plots(run_dir: Path, cfg: RunConfig, out_dir: Path) -> list[tuple[str, Path]]:
+    """``loss_curves.png`` (every phase side by side) and ``loss_<phase>.png`` per phase in
+    ``out_dir``; returns ``[(title, path)]``."""
+    names = [p.name for p in cfg.phases]
+    out = [("all phases", out_dir / "loss_curves.png")]
+    plot_losses(run_dir, names, out[0][1])
+    for name in names:
+        path = out_dir / f"loss_{name}.png"
+        plot_losses(run_dir, [name], path)
+        out.append((name, path))
+    return out
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").strip()
+
+
+def _f(x: Any, fmt: str = ".4f") -> str:
+    return "-" if x is None or (isinstance(x, float) and x != x) else format(x, fmt)
+
+
+def render_report(
+    cfg: RunConfig,
+    results: dict[str, Any],
+    tokenizer: Tokenizer,
+    checkpoint: Path | str,
+    db: StateDB | None,
+    pngs: list[tuple[str, str]],
+    title: str | None = None,
+) -> str:
+    """The Markdown report of one suite run; ``pngs`` is ``[(title, path relative to the
+    report)]``."""
+    lines = [f"# {title or f'deeplm run report: {cfg.name}'}", ""]
+    lines += [
+        f"Checkpoint: `{checkpoint}`",
+        f"Tokenizer: `{tokenizer.hash[:16]}` (vocab {tokenizer.vocab_size})",
+        "",
+    ]
+    if db is not None:
+        lines += ["## Stages", "", "| stage | status | wall time (s) |", "|---|---|---|"]
+        for row in db.stages():
+            lines.append(f"| {row.name} | {row.status} | {row.elapsed_s:.1f} |")
+        lines += [
+            "",
+            "## Phases",
+            "",
+            "| phase | steps | tokens | val loss at start | val loss at end | tokens/s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for p in db.phases():
+            m = p.metrics
+            first, end, tps = m.get("first_val_loss"), m.get("val_loss"), m.get("tokens_per_s")
+            lines.append(
+                f"| {p.name} | {p.step} | {p.tokens:,} | {first:.4f} | {end:.4f} | {tps:,.0f} |"
+                if None not in (first, end, tps)
+                else f"| {p.name} | {p.step} | {p.tokens:,} | - | - | - |"
+            )
+        lines.append("")
+    lines += [
+        "## Final model on each phase's validation data",
+        "",
+        "| phase | val loss (nats/token) | perplexity | bits per byte | bytes/token | tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.get("per_phase", {}).items():
+        lines.append(
+            f"| {name} | {r['val_loss']:.4f} | {r['val_ppl']:.1f} | {_f(r['bpb'])} | "
+            f"{_f(r['bytes_per_token'], '.2f')} | {r['tokens']:,} |"
+        )
+    lines += ["", "## Loss curves", ""]
+    for name, rel in pngs:
+        lines += [f"![loss curves: {name}]({rel})", ""]
+    lines += [
+        "## Samples (temperature 0.8, top-k 50)",
+        "",
+        "| prompt | completion |",
+        "|---|---|",
+    ]
+    for s in results.get("samples", []):
+        lines.append(f"| **{_cell(s['prompt'])}** | {_cell(s['completion'])} |")
+    lines += _probe_lines(results.get("probes", {}))
+    lines += _grammar_lines(results.get("grammar", {}))
+    lines += _richness_lines(results.get("richness", {}))
+    secs = results.get("seconds", {})
+    if secs:
+        lines += ["", "## Evaluation time", ""]
+        lines.append(", ".join(f"{k} {v:.1f} s" for k, v in secs.items()))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _probe_lines(p: dict[str, Any]) -> list[str]:
+    if not p:
+        return []
+    info = p.get("probe_file", {})
+    lines = [
+        "",
+        "## Behavioral probes",
+        "",
+        f"Probe file `{info.get('name')}` version {info.get('version')} "
+        f"(sha256 `{str(p.get('sha256'))[:12]}`). Multiple choice by log-likelihood of each "
+        "candidate continuation.",
+        "",
+        "| probe set | items | accuracy | chance | mean rank of the answer |",
+        "|---|---|---|---|---|",
+    ]
+    for section in ("completion", "reasoning"):
+        r = p.get(section)
+        if r and r["n"]:
+            lines.append(
+                f"| {section} | {r['n']} | {r['accuracy']:.1%} | {r['chance']:.1%} | "
+                f"{r['mean_rank']:.2f} |"
+            )
+    for section in ("completion", "reasoning"):
+        r = p.get(section)
+        if not r or not r["n"]:
+            continue
+        lines += [
+            "",
+            f"<details><summary>{section} items</summary>",
+            "",
+            "| id | prompt | answer | model's choice | rank |",
+            "|---|---|---|---|---|",
+        ]
+        for it in r["items"]:
+            mark = "" if it["correct"] else " ✗"
+            lines.append(
+                f"| {it['id']} | {_cell(it['prompt'])} | {_cell(it['answer'])} | "
+                f"{_cell(it['predicted'])}{mark} | {it['rank']} |"
+            )
+        lines += ["", "</details>"]
+    mem = p.get("memorization")
+    if mem and mem.get("phases"):
+        lines += [
+            "",
+            f"Memorisation: mean loss of {mem['passage_tokens']}-token passages seen in training "
+            "vs held out (gap near 0: the model generalises; large: it memorised).",
+            "",
+            "| phase | passages | seen loss | unseen loss | gap | P(seen < unseen) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in mem["phases"].items():
+            if "seen_loss" not in r:
+                continue
+            lines.append(
+                f"| {name} | {r['n_seen']}+{r['n_unseen']} | {r['seen_loss']:.4f} | "
+                f"{r['unseen_loss']:.4f} | {r['gap']:+.4f} | {r['seen_lower_fraction']:.2f} |"
+            )
+    return lines
+
+
+def _grammar_lines(g: dict[str, Any]) -> list[str]:
+    if not g or not g.get("n"):
+        return []
+    lines = [
+        "",
+        "## Grammar (minimal pairs)",
+        "",
+        f"{g['n']} pairs (suite version {g['version']}), overall accuracy **{g['accuracy']:.1%}** "
+        "(chance 50%): the grammatical sentence must get the higher log-likelihood.",
+        "",
+        "| category | pairs | accuracy |",
+        "|---|---|---|",
+    ]
+    for name, r in g["categories"].items():
+        lines.append(f"| {name} | {r['n']} | {r['accuracy']:.1%} |")
+    lines += ["", "| paradigm | pairs | accuracy |", "|---|---|---|"]
+    for name, r in g["paradigms"].items():
+        lines.append(f"| {name} | {r['n']} | {r['accuracy']:.1%} |")
+    if g.get("examples"):
+        lines += ["", "Some pairs the model gets wrong (preferred the second):", ""]
+        for ex in g["examples"]:
+            lines.append(f"- {_cell(ex['good'])} / *{_cell(ex['bad'])}*")
+    return lines
+
+
+def _richness_lines(r: dict[str, Any]) -> list[str]:
+    if not r or "model" not in r:
+        return []
+    cols = [("generated samples", r["model"])]
+    if "reference" in r:
+        cols.append(("validation text", r["reference"]))
+    lines = [
+        "",
+        "## Vocabulary richness",
+        "",
+        "| measure | " + " | ".join(c for c, _ in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    keys = [
+        ("words", "words", "d"),
+        ("distinct-1", "distinct_1", ".3f"),
+        ("distinct-2", "distinct_2", ".3f"),
+        ("distinct-3", "distinct_3", ".3f"),
+        ("type-token ratio", "type_token_ratio", ".3f"),
+        ("MATTR (window 50)", "mattr_50", ".3f"),
+        ("rare-word rate (outside top 1000)", "rare_word_rate", ".3f"),
+        ("out-of-vocabulary rate", "oov_rate", ".3f"),
+    ]
+    for label, key, fmt in keys:
+        if any(key in c for _, c in cols):
+            lines.append(f"| {label} | " + " | ".join(_f(c.get(key), fmt) for _, c in cols) + " |")
+    return lines
+
+
 def evaluate_run(ctx: RunContext) -> dict[str, Any]:
-    from deeplm.workflows.activities import final_checkpoint_of, load_run_tokenizer, shard_prefix
+    """The pipeline's evaluate stage: the suite on the last phase's final checkpoint, written to
+    ``report.md`` + ``report/eval.json`` (recorded as an artifact, with an ``eval`` event)."""
+    from deeplm.workflows.activities import final_checkpoint_of, load_run_tokenizer
 
     cfg, run_dir = ctx.cfg, ctx.run_dir
     tok = load_run_tokenizer(ctx)
@@ -67,76 +281,27 @@ def evaluate_run(ctx: RunContext) -> dict[str, Any]:
     device = select_device(cfg.train.device)
     dtype = autocast_dtype(device, cfg.train.precision)
     model = build_model(cfg, cfg.seed)
+    model.set_grad_checkpointing(False)
     ckpt.load_weights(final, model)
     model.to(device).eval()
+    options = ctx.extra.get("eval_options") or SuiteOptions.quick()
     t0 = time.perf_counter()
-    per_phase = {}
-    for phase in cfg.phases:
-        val = Shard.open(shard_prefix(run_dir, phase.name, "val"), tok.hash)
-        loss = evaluate_loss(
-            model, val, phase.seq_len, phase.micro_batch, phase.eval_batches, device, dtype
-        )
-        per_phase[phase.name] = {"val_loss": loss, "val_ppl": perplexity(loss)}
-    prompts = [p for phase in cfg.phases for p in phase.prompts]
-    torch.manual_seed(cfg.seed)
-    samples = sample_texts(
-        model, tok, prompts, max(64, cfg.phases[-1].sample_tokens), device, seed=cfg.seed
+    results = run_suite(model, tok, cfg, run_dir, device, dtype, options)
+    results["checkpoint"] = str(final)
+    report_dir = run_dir / "report"
+    pngs = write_loss_plots(run_dir, cfg, report_dir)
+    eval_json = report_dir / "eval.json"
+    write_results(eval_json, results)
+    text = render_report(
+        cfg, results, tok, final, ctx.db, [(n, str(p.relative_to(run_dir))) for n, p in pngs]
     )
-    png = run_dir / "report" / "loss_curves.png"
-    plot_losses(run_dir, [p.name for p in cfg.phases], png)
-
-    lines = [f"# deeplm run report: {cfg.name}", ""]
-    lines += [
-        f"Final checkpoint: `{final}`",
-        f"Tokenizer: `{tok.hash[:16]}` " f"(vocab {tok.vocab_size})",
-        "",
-    ]
-    lines += ["## Stages", "", "| stage | status | wall time (s) |", "|---|---|---|"]
-    for row in ctx.db.stages():
-        lines.append(f"| {row.name} | {row.status} | {row.elapsed_s:.1f} |")
-    lines += [
-        "",
-        "## Phases",
-        "",
-        "| phase | steps | tokens | val loss at start | val loss at end | tokens/s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for p in ctx.db.phases():
-        m = p.metrics
-        first = m.get("first_val_loss")
-        end = m.get("val_loss")
-        tps = m.get("tokens_per_s")
-        lines.append(
-            f"| {p.name} | {p.step} | {p.tokens:,} | " f"{first:.4f} | {end:.4f} | {tps:,.0f} |"
-            if None not in (first, end, tps)
-            else f"| {p.name} | {p.step} | {p.tokens:,} | - | - | - |"
-        )
-    lines += [
-        "",
-        "## Final model on each phase's validation data",
-        "",
-        "| phase | val loss | perplexity |",
-        "|---|---|---|",
-    ]
-    for name, r in per_phase.items():
-        lines.append(f"| {name} | {r['val_loss']:.4f} | {r['val_ppl']:.1f} |")
-    lines += [
-        "",
-        "## Loss curves",
-        "",
-        "![loss curves](report/loss_curves.png)",
-        "",
-        "## Samples (temperature 0.8, top-k 50)",
-        "",
-    ]
-    for s in samples:
-        completion = s["completion"].replace("\n", " ")
-        lines.append(f"- **{s['prompt']}**{completion}")
-    lines.append("")
-    atomic_write_text(run_dir / "report.md", "\n".join(lines))
-    return {
-        "per_phase": per_phase,
-        "samples": samples,
+    atomic_write_text(run_dir / "report.md", text)
+    head = summary(results)
+    ctx.db.record_artifact(eval_json, "eval", "evaluate", {"checkpoint": str(final)})
+    ctx.db.log_event("evaluate", "eval", f"evaluated {final}", head)
+    return head | {
+        "samples": results["samples"],
         "report": str(run_dir / "report.md"),
+        "eval_json": str(eval_json),
         "seconds": time.perf_counter() - t0,
     }

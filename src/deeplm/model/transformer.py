@@ -298,7 +298,9 @@ class Transformer(nn.Module):
         x = self.embd_drop(self.tok_emb(idx))
         cos, sin = self.rope(x, t, offset=start_pos)
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache, start_pos)
+            # .forward, not __call__: a block compiled for training (Module.compile) would
+            # otherwise recompile per layer index and decode length; decoding runs eager.
+            x = block.forward(x, cos, sin, kv_cache, start_pos)
         return self.lm_head(self.norm_f(x)).float()
 
 

@@ -24,6 +24,9 @@ _CUDA_PEAKS = [
 
 def select_device(preference: str = "auto") -> torch.device:
     """Return the device to train on; 'auto' picks CUDA, then MPS, then CPU."""
+    if preference in ("auto", "cuda") and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
+        torch.backends.cudnn.allow_tf32 = True
     if preference == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -90,6 +93,20 @@ def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float | None:
         if key in name:
             return peak
     return None
+
+
+_warned: set[str] = set()
+
+
+def compile_supported(device: torch.device) -> bool:
+    """Whether deeplm uses torch.compile on this device. On MPS it falls back to eager with one
+    warning (Inductor's MPS backend is not yet dependable for training)."""
+    if device.type == "mps":
+        if "mps-compile" not in _warned:
+            _warned.add("mps-compile")
+            warnings.warn("torch.compile is not used on MPS; training runs eager", stacklevel=2)
+        return False
+    return True
 
 
 def synchronize(device: torch.device) -> None:

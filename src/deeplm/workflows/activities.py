@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -282,6 +283,8 @@ def prepare(ctx: RunContext) -> dict[str, Any]:
         ctx.db.fail_stage(stage, f"{type(exc).__name__}: {exc}")
         raise
     ctx.db.finish_stage(stage, {"phases": report})
+    for phase in cfg.phases:  # per-source parts only serve a resume of this stage
+        shutil.rmtree(run_dir / "data" / phase.name / "parts", ignore_errors=True)
     return {"phases": report}
 
 

@@ -83,8 +83,10 @@ def run_local(
     log: Callable[[str], None] = print,
     should_stop: Callable[[], bool] = lambda: False,
     progress: Callable[[dict[str, Any]], None] = lambda info: None,
+    data_only: bool = False,
 ) -> dict[str, Any]:
-    """Run every stage in order; stages already done are skipped. Returns a summary."""
+    """Run every stage in order (with ``data_only``: only the data stages, up to the shards);
+    stages already done are skipped. Returns a summary."""
     run_dir = Path(run_dir)
     with run_lock(run_dir):
         db = open_run(run_dir, cfg)
@@ -96,6 +98,8 @@ def run_local(
         try:
             db.set_run_status("running")
             for spec in pipeline_stages(cfg):
+                if data_only and spec.queue != "cpu":
+                    continue
                 t0 = time.perf_counter()
                 try:
                     out = run_stage(ctx, spec)
@@ -111,7 +115,7 @@ def run_local(
                 skipped = bool(out.get("skipped"))
                 summary["stages"][spec.name] = {"skipped": skipped, "seconds": dt}
                 log(f"[{spec.name}] {'already done, skipped' if skipped else f'done in {dt:.1f}s'}")
-            db.set_run_status("done")
+            db.set_run_status("data ready" if data_only else "done")
             summary["status"] = "done"
             summary["seconds"] = time.perf_counter() - t_run
             if all(s["skipped"] for s in summary["stages"].values()):
@@ -120,6 +124,8 @@ def run_local(
                     "already done (nothing was redone)"
                 )
                 summary["nothing_redone"] = True
+            elif data_only:
+                log(f"data ready in {summary['seconds']:.1f}s: {run_dir / 'shards'}")
             else:
                 log(f"pipeline done in {summary['seconds']:.1f}s; report: {run_dir / 'report.md'}")
             return summary

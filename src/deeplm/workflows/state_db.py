@@ -344,15 +344,18 @@ class StateDB:
         meta: dict[str, Any] | None = None,
         sha256: str | None = None,
     ) -> str:
-        """Record a finished file with its size and sha256; returns the digest."""
-        p = Path(path)
+        """Record a finished file with its size and sha256; returns the digest.
+
+        Files inside the run directory (the database's folder) are recorded by their path
+        relative to it, so a run directory can be moved or copied to another machine."""
+        p = self._abs(path)
         digest = sha256 or sha256_file(p)
         with self._tx() as c:
             c.execute(
                 "INSERT OR REPLACE INTO artifacts (path, kind, bytes, sha256, producer, meta_json,"
                 " created_at) VALUES (?,?,?,?,?,?,?)",
                 (
-                    str(p),
+                    self._key(p),
                     kind,
                     p.stat().st_size,
                     digest,
@@ -363,9 +366,26 @@ class StateDB:
             )
         return digest
 
+    @staticmethod
+    def _abs(path: str | Path) -> Path:
+        return Path(path).resolve()
+
+    def _key(self, path: str | Path) -> str:
+        """How a path is stored: relative to the run directory when inside it."""
+        p = self._abs(path)
+        try:
+            return str(p.relative_to(self.path.parent.resolve()))
+        except ValueError:
+            return str(p)
+
+    def _row(self, row: sqlite3.Row) -> dict[str, Any]:
+        out = dict(row)
+        out["path"] = str(self.path.parent.resolve() / out["path"])  # absolute keys stay as is
+        return out
+
     def artifact(self, path: str | Path) -> dict[str, Any] | None:
-        rows = self._query("SELECT * FROM artifacts WHERE path = ?", (str(path),))
-        return dict(rows[0]) if rows else None
+        rows = self._query("SELECT * FROM artifacts WHERE path = ?", (self._key(path),))
+        return self._row(rows[0]) if rows else None
 
     def artifacts(self, producer: str | None = None) -> list[dict[str, Any]]:
         if producer is None:
@@ -374,12 +394,12 @@ class StateDB:
             rows = self._query(
                 "SELECT * FROM artifacts WHERE producer = ? ORDER BY created_at", (producer,)
             )
-        return [dict(r) for r in rows]
+        return [self._row(r) for r in rows]
 
     def artifact_ok(self, path: str | Path, verify_hash: bool = False) -> bool:
         """True when the artifact is recorded and the file on disk still matches it."""
         rec = self.artifact(path)
-        p = Path(path)
+        p = self._abs(path)
         if rec is None or not p.is_file() or p.stat().st_size != rec["bytes"]:
             return False
         return not verify_hash or sha256_file(p) == rec["sha256"]

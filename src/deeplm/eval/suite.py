@@ -1,0 +1,287 @@
+"""The evaluation suite: everything ``deeplm eval`` and the pipeline's ``evaluate`` stage measure.
+
+For one model of a run:
+
+* per phase, on that phase's validation windows: loss, perplexity, bits per byte
+  (:mod:`deeplm.eval.bpb`);
+* behavioral probes from the versioned probe file: completion, reasoning, memorisation of seen
+  (train) vs unseen (val) passages (:mod:`deeplm.eval.probes`);
+* the grammar suite of minimal pairs, accuracy per category (:mod:`deeplm.eval.grammar`);
+* samples from the phases' prompts, and vocabulary richness of generated text next to the same
+  numbers for real validation text (:mod:`deeplm.eval.richness`).
+
+Results are one JSON-able dict (:func:`run_suite`). :func:`evaluate_checkpoint` (``deeplm eval``)
+writes it as ``eval.json`` with a Markdown report beside it (``<run_dir>/eval/`` by default, so
+the pipeline's own ``report.md`` is left alone), records both files as artifacts in the run's
+StateDB and logs an ``eval`` event with the headline numbers. The pipeline's ``evaluate`` stage
+runs the same suite with :meth:`SuiteOptions.quick` caps (see :mod:`deeplm.eval.report`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deeplm.atomic import atomic_write_text
+from deeplm.config import RunConfig
+from deeplm.data.shards import Shard, is_shard_complete
+from deeplm.eval.bpb import evaluate_bpb, token_byte_lengths
+from deeplm.eval.grammar import evaluate_grammar
+from deeplm.eval.probes import load_probes, run_probes
+from deeplm.eval.richness import richness, word_counts
+from deeplm.eval.samples import sample_texts
+from deeplm.model.transformer import Transformer
+from deeplm.tokenizer import Tokenizer
+
+RESULTS_VERSION = 1
+GENERIC_PROMPTS = ["The", "It was", "In the", "When the", "She said", "There is"]
+
+
+@dataclass
+class SuiteOptions:
+    """Caps for the suite (None = everything / the run's own setting)."""
+
+    eval_batches: int | None = None  # validation batches per phase (None: phase.eval_batches)
+    grammar_pairs: int | None = None  # None: the whole suite (450 pairs)
+    probe_items: int | None = None  # per multiple-choice section
+    memorization_passages: int | None = None  # per phase and side (None: the probe file's)
+    probe_file: str | None = None  # None: the packaged probes_v1.json
+    sample_tokens: int = 64
+    richness_samples: int = 16
+    richness_tokens: int = 96
+    reference_chars: int = 2_000_000  # training text read for the rare-word reference
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> SuiteOptions:
+        """The pipeline's ``evaluate`` stage: a few seconds on the tiny preset on CPU."""
+        return cls(
+            grammar_pairs=150,
+            memorization_passages=8,
+            richness_samples=8,
+            richness_tokens=64,
+            reference_chars=1_000_000,
+        )
+
+
+def _docs(path: Path, max_docs: int | None = None) -> list[str]:
+    out: list[str] = []
+    if not path.is_file():
+        return out
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            out.append(json.loads(line)["text"])
+            if max_docs is not None and len(out) >= max_docs:
+                break
+    return out
+
+
+def _reference_texts(run_dir: Path, cfg: RunConfig, n_words: int) -> list[str]:
+    """Pieces of validation text (~``n_words`` words over the phases), for richness baselines."""
+    from deeplm.eval.richness import words
+    from deeplm.workflows.activities import docs_path
+
+    per_phase = max(1, n_words // len(cfg.phases))
+    out = []
+    for phase in cfg.phases:
+        got = 0
+        for doc in _docs(docs_path(run_dir, phase.name, "val"), 200):
+            piece = " ".join(doc.split()[:80])
+            out.append(piece)
+            got += len(words(piece))
+            if got >= per_phase:
+                break
+    return out
+
+
+def run_suite(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    run_cfg: RunConfig | None,
+    run_dir: Path | None,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    options: SuiteOptions | None = None,
+) -> dict[str, Any]:
+    """Run every evaluation on ``model``; parts that need the run's data (per-phase bpb,
+    memorisation, rare-word reference) are skipped when ``run_dir`` has none."""
+    from deeplm.workflows.activities import docs_path, shard_prefix
+
+    opt = options or SuiteOptions()
+    timings: dict[str, float] = {}
+    results: dict[str, Any] = {"version": RESULTS_VERSION, "options": asdict(opt)}
+    model.eval()
+
+    t0 = time.perf_counter()
+    shards: dict[str, tuple[Shard, Shard]] = {}
+    per_phase: dict[str, Any] = {}
+    if run_cfg is not None and run_dir is not None:
+        table = token_byte_lengths(tokenizer)
+        for phase in run_cfg.phases:
+            prefixes = [shard_prefix(run_dir, phase.name, s) for s in ("train", "val")]
+            if not all(is_shard_complete(p, tokenizer.hash) for p in prefixes):
+                continue
+            train, val = (Shard.open(p, tokenizer.hash) for p in prefixes)
+            shards[phase.name] = (train, val)
+            seq_len = min(phase.seq_len, model.cfg.max_seq_len)
+            n_batches = opt.eval_batches or phase.eval_batches
+            per_phase[phase.name] = evaluate_bpb(
+                model, val, table, seq_len, phase.micro_batch, n_batches, device, dtype
+            )
+    results["per_phase"] = per_phase
+    timings["bpb"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    probes = load_probes(opt.probe_file)
+    results["probes"] = run_probes(
+        model,
+        tokenizer,
+        device,
+        dtype,
+        shards=shards,
+        probes=probes,
+        max_items=opt.probe_items,
+        passages=opt.memorization_passages,
+    )
+    timings["probes"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    results["grammar"] = evaluate_grammar(model, tokenizer, device, dtype, opt.grammar_pairs)
+    timings["grammar"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    prompts = [p for phase in run_cfg.phases for p in phase.prompts] if run_cfg else []
+    prompts = prompts or GENERIC_PROMPTS[:2]
+    results["samples"] = sample_texts(
+        model, tokenizer, prompts, opt.sample_tokens, device, seed=opt.seed
+    )
+    timings["samples"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    pool = prompts + GENERIC_PROMPTS
+    rich_prompts = [pool[i % len(pool)] for i in range(opt.richness_samples)]
+    generated = sample_texts(
+        model, tokenizer, rich_prompts, opt.richness_tokens, device, seed=opt.seed + 1000
+    )
+    texts = [g["completion"] for g in generated]
+    reference = None
+    reference_texts: list[str] = []
+    if run_cfg is not None and run_dir is not None:
+        train_docs = (
+            doc
+            for phase in run_cfg.phases
+            for doc in _docs(docs_path(run_dir, phase.name, "train"))
+        )
+        reference = word_counts(train_docs, opt.reference_chars) or None
+        n_words = sum(len(t.split()) for t in texts)
+        reference_texts = _reference_texts(run_dir, run_cfg, n_words)
+    results["richness"] = {
+        "model": richness(texts, reference),
+        **({"reference": richness(reference_texts, reference)} if reference_texts else {}),
+    }
+    timings["richness"] = time.perf_counter() - t0
+    results["seconds"] = timings
+    return results
+
+
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of :func:`run_suite`'s results (for events and stage outputs)."""
+    p = results.get("probes", {})
+    g = results.get("grammar", {})
+    mem = (p.get("memorization") or {}).get("phases", {})
+    return {
+        "per_phase": results.get("per_phase", {}),
+        "probes": {
+            "completion_accuracy": p.get("completion", {}).get("accuracy"),
+            "reasoning_accuracy": p.get("reasoning", {}).get("accuracy"),
+            "memorization_gap": {k: v.get("gap") for k, v in mem.items()},
+        },
+        "grammar": {
+            "accuracy": g.get("accuracy"),
+            "n": g.get("n"),
+            "categories": {k: v["accuracy"] for k, v in g.get("categories", {}).items()},
+        },
+        "richness": {
+            k: results.get("richness", {}).get("model", {}).get(k)
+            for k in ("distinct_1", "distinct_2", "type_token_ratio", "rare_word_rate")
+        },
+    }
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    """Write results as pretty JSON, atomically (NaN is written as null)."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and x != x:
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    atomic_write_text(path, json.dumps(clean(results), indent=2, sort_keys=True) + "\n")
+
+
+def evaluate_checkpoint(
+    run_dir: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str] | None = None,
+    options: SuiteOptions | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    log: Any = print,
+) -> dict[str, Any]:
+    """``deeplm eval``: the full suite on a run's newest (or given) checkpoint; writes
+    ``eval.json`` + ``report.md`` (+ loss-curve PNGs) into ``out_dir`` (default
+    ``<run_dir>/eval``), records them in the StateDB and logs an event. Returns the results with
+    ``paths``."""
+    from deeplm.eval.report import render_report, write_loss_plots
+    from deeplm.export import load_model
+    from deeplm.train.device import autocast_dtype
+    from deeplm.workflows.local import STATE_FILE
+    from deeplm.workflows.state_db import StateDB
+
+    rdir = Path(run_dir)
+    loaded = load_model(run_dir=rdir, checkpoint=checkpoint, device=device)
+    assert loaded.run_cfg is not None
+    cfg = loaded.run_cfg
+    dtype = autocast_dtype(loaded.device, cfg.train.precision)
+    out = Path(out_dir) if out_dir is not None else rdir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"[eval] {loaded.source} on {loaded.device}")
+    t0 = time.perf_counter()
+    results = run_suite(loaded.model, loaded.tokenizer, cfg, rdir, loaded.device, dtype, options)
+    results["checkpoint"] = str(loaded.source)
+    results["total_seconds"] = time.perf_counter() - t0
+    pngs = write_loss_plots(rdir, cfg, out)
+    json_path, md_path = out / "eval.json", out / "report.md"
+    write_results(json_path, results)
+    db_path = rdir / STATE_FILE
+    db = StateDB(db_path) if db_path.is_file() else None
+    try:
+        text = render_report(
+            cfg,
+            results,
+            loaded.tokenizer,
+            loaded.source,
+            db,
+            [(name, os.path.relpath(p, out)) for name, p in pngs],
+            title=f"deeplm evaluation: {cfg.name}",
+        )
+        atomic_write_text(md_path, text)
+        if db is not None:
+            meta = {"checkpoint": str(loaded.source)}
+            db.record_artifact(json_path, "eval", "eval", meta)
+            db.record_artifact(md_path, "report", "eval", meta)
+            db.log_event("eval", "eval", f"evaluated {loaded.source}", summary(results))
+    finally:
+        if db is not None:
+            db.close()
+    results["paths"] = {"eval_json": str(json_path), "report": str(md_path)}
+    return results
