@@ -18,7 +18,7 @@ import torch
 
 from deeplm.config import config_from_dict
 from deeplm.workflows.local import run_local
-from tests.test_pipeline import two_phase_config
+from tests.helpers import two_phase_config
 
 RUN_NAME = "usemodel"
 

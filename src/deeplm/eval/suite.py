@@ -158,8 +158,8 @@ def run_suite(
     t0 = time.perf_counter()
     prompts = [p for phase in run_cfg.phases for p in phase.prompts] if run_cfg else []
     prompts = prompts or GENERIC_PROMPTS[:2]
-    results["samples"] = sample_texts(
-        model, tokenizer, prompts, opt.sample_tokens, device, seed=opt.seed
+    results["samples"] = sample_texts(  # config prompts are trusted: chat tokens allowed
+        model, tokenizer, prompts, opt.sample_tokens, device, seed=opt.seed, allow_special=True
     )
     timings["samples"] = time.perf_counter() - t0
 
