@@ -10,6 +10,13 @@ Each configuration runs in its own process, so the peak memory figure (CUDA: max
 CPU: peak resident set size of that process) belongs to that configuration alone.
 
 Prints one line per configuration and, with ``--json FILE``, writes the results.
+
+Data parallel: ``--world-size N`` also runs every configuration in N processes under torchrun
+(DDP, one GPU each; gloo on CPU), each with the same per-process batch, and prints tokens/s per
+process, the total, and the scaling efficiency ``total / (N * one-process tokens/s)``:
+
+    python bench/throughput.py --preset 60m --precision bf16 --batch 64 --seq-len 512 \
+        --world-size 8
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ def bench_one(
     steps: int,
     warmup: int,
     frozen: int = 0,
+    ddp: bool = False,
 ) -> dict:
     torch.manual_seed(0)
     model = Transformer(cfg.model).to(device)
@@ -55,6 +63,10 @@ def bench_one(
     )
     dtype = torch.bfloat16 if precision == "bf16" else None
     fwd = torch.compile(model) if compile_ else model
+    if ddp:  # under torchrun: gradients all-reduced every step, as in training
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     x = torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1), device=device)
     inp, tgt = x[:, :-1], x[:, 1:]
     if device.type == "cuda":
@@ -129,12 +141,20 @@ def main(argv: list[str] | None = None) -> int:
         help="numbers of bottom layers frozen (e.g. 0 20 40)",
     )
     ap.add_argument("--json", help="write results to this file")
+    ap.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        help="also run N data-parallel processes (torchrun, one GPU each) and report scaling",
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(preset=args.preset)
     cfg.model.grad_checkpointing = args.grad_checkpointing
+    if args.one and args.world_size > 1:  # a rank of the data-parallel run
+        return _rank_main(cfg, args)
     device = select_device(args.device)
     if args.one:  # child process: one configuration, result as JSON on the last line
         spec = json.loads(args.one)
@@ -169,6 +189,19 @@ def main(argv: list[str] | None = None) -> int:
                         f"first step {r['first_step_s']:6.1f}s  MFU {mfu}  peak mem {mem}",
                         flush=True,
                     )
+                    if args.world_size > 1:
+                        d = _run_ranks(argv_base(args), spec, args.world_size)
+                        d["scaling_efficiency"] = d["total_tokens_per_s"] / (
+                            args.world_size * r["tokens_per_s"]
+                        )
+                        r["data_parallel"] = d
+                        print(
+                            f"    x{args.world_size} processes (DDP): "
+                            f"{d['tokens_per_s_per_process']:>10,.0f} tok/s per process, "
+                            f"{d['total_tokens_per_s']:>12,.0f} tok/s total, "
+                            f"scaling efficiency {100 * d['scaling_efficiency']:.1f}%",
+                            flush=True,
+                        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(
@@ -193,6 +226,54 @@ def argv_base(args: argparse.Namespace) -> list[str]:
     if args.grad_checkpointing:
         base.append("--grad-checkpointing")
     return base
+
+
+def _rank_main(cfg, args: argparse.Namespace) -> int:
+    """One rank of a data-parallel measurement (under torchrun): rank 0 prints the result."""
+    import torch.distributed as dist
+
+    from deeplm.train.distributed import init_distributed, teardown
+
+    env, device = init_distributed(args.device)
+    try:
+        r = bench_one(cfg, device, **json.loads(args.one), ddp=True)
+        slowest = torch.tensor([r["tokens_per_s"]], dtype=torch.float64, device=device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MIN)
+        if env.is_main:
+            world = env.world_size
+            # the ranks step in lockstep (one all-reduce per step): the slowest sets the pace
+            total = float(slowest.item()) * world
+            out = {"world_size": world, "tokens_per_s_per_process": total / world}
+            print(json.dumps(out | {"total_tokens_per_s": total}))
+    finally:
+        teardown()
+    return 0
+
+
+def _run_ranks(base: list[str], spec: dict, world: int) -> dict:
+    import subprocess
+
+    from deeplm.train.distributed import free_port, launch_env
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={world}",
+        "--nnodes=1",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        __file__,
+        *base,
+        "--world-size",
+        str(world),
+        "--one",
+        json.dumps(spec),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=launch_env())
+    if out.returncode != 0:
+        raise RuntimeError(f"{world}-process run of {spec} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _run_child(base: list[str], spec: dict) -> dict:

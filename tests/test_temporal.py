@@ -322,7 +322,7 @@ def test_killed_worker_resumes_from_last_checkpoint(env, local_reference):
 
 def test_server_restart_keeps_history_and_status(env, server):
     env.worker("worker")
-    cfg = write_toml(one_phase_config("restart", steps=40), env.tmp / "restart.toml")
+    cfg = write_toml(one_phase_config("restart", steps=24), env.tmp / "restart.toml")
     run_dir = env.tmp / "run"
     env.start_detached("--config", str(cfg), "--run-dir", str(run_dir))
     wait_for(lambda: training_past_checkpoint(run_dir, "grammar", 3), 180, "training")
@@ -345,10 +345,10 @@ def test_server_restart_keeps_history_and_status(env, server):
 
 def test_cancel_checkpoints_and_start_resumes(env):
     env.worker("worker")
-    cfg = write_toml(one_phase_config("cancel", steps=100), env.tmp / "cancel.toml")
+    cfg = write_toml(one_phase_config("cancel", steps=120), env.tmp / "cancel.toml")
     run_dir = env.tmp / "run"
     env.start_detached("--config", str(cfg), "--run-dir", str(run_dir))
-    wait_for(lambda: training_past_checkpoint(run_dir, "grammar", 5), 180, "training")
+    wait_for(lambda: training_past_checkpoint(run_dir, "grammar", 4), 180, "training")
     r = env.cli("cancel", "--run-dir", str(run_dir))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "CANCELED" in r.stdout
@@ -364,7 +364,7 @@ def test_cancel_checkpoints_and_start_resumes(env):
         "evaluate": "pending",
     }
     phase = st["phases"][0]
-    assert phase["status"] == "paused" and 5 <= phase["step"] < 100
+    assert phase["status"] == "paused" and 4 <= phase["step"] < 120
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints" / "1-grammar")
     assert latest is not None and latest.step == phase["step"]
     assert str(latest.path) == phase["last_checkpoint"]
@@ -374,9 +374,9 @@ def test_cancel_checkpoints_and_start_resumes(env):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "started workflow deeplm-cancel" in r.stdout and "prepare skipped" in r.stdout
     worker_log = (env.tmp / "worker.log").read_text()
-    assert f"resuming from {latest.path} (step {latest.step}/100)" in worker_log
+    assert f"resuming from {latest.path} (step {latest.step}/120)" in worker_log
     st = status(run_dir)
-    assert st["run"]["status"] == "done" and st["phases"][0]["step"] == 100
+    assert st["run"]["status"] == "done" and st["phases"][0]["step"] == 120
 
 
 def test_bad_input_fails_at_once_with_a_clear_message(env):

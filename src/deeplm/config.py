@@ -317,6 +317,14 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     log_every: int = 10
     progress: bool = True
+    # Data parallel (docs/distributed.md): processes per node, nodes, this node's rank, the
+    # rendezvous host:port of node 0 (multi-node), and ddp | fsdp2. devices * nodes > 1 makes the
+    # train stage launch torchrun; tokens per optimizer step stay those of the phase config.
+    devices: int = 1
+    nodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = ""
+    parallel: str = "ddp"
 
 
 @dataclass
@@ -370,6 +378,22 @@ class RunConfig:
             raise ConfigError(
                 f"train.precision must be auto, fp32 or bf16, not {self.train.precision!r}"
             )
+        t = self.train
+        if t.devices < 1 or t.nodes < 1:
+            raise ConfigError(
+                f"train.devices and train.nodes must be >= 1, got {t.devices}, {t.nodes}"
+            )
+        if not 0 <= t.node_rank < t.nodes:
+            raise ConfigError(f"train.node_rank must be in [0, {t.nodes}), got {t.node_rank}")
+        if t.parallel not in ("ddp", "fsdp2"):
+            raise ConfigError(f"train.parallel must be ddp or fsdp2, not {t.parallel!r}")
+        if t.nodes > 1:
+            host, _, port = t.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(
+                    "train.rdzv_endpoint must be 'host:port' of node 0 when train.nodes > 1, "
+                    f"got {t.rdzv_endpoint!r}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

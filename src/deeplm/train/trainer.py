@@ -352,16 +352,20 @@ class PhaseTrainer:
         if existing is not None:
             hooks.log(f"[{phase.name}] resuming from {existing.path} (step {step}/{total})")
 
-        self.metrics = MetricsLogger(
-            self.run_dir / "metrics",
-            phase.name,
-            self.run_dir / "tensorboard",
-            resume_step=step,
-        )
+        self.metrics = self._make_metrics(step)
         try:
             return self._loop(step, tokens, existing)
         finally:
             self.metrics.close()
+
+    def _make_metrics(self, resume_step: int) -> MetricsLogger:
+        """The phase's metrics sink (a distributed trainer gives ranks other than 0 a null one)."""
+        return MetricsLogger(
+            self.run_dir / "metrics",
+            self.phase.name,
+            self.run_dir / "tensorboard",
+            resume_step=resume_step,
+        )
 
     def _forward_loss(self, model, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to optimise, unweighted loss) for one micro-batch."""

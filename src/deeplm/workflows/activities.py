@@ -36,6 +36,7 @@ from deeplm.data.shards import (
 from deeplm.data.sources import Document, SourceError, SourceStats, iter_source
 from deeplm.tokenizer import Tokenizer, train_tokenizer
 from deeplm.train import checkpoint as ckpt
+from deeplm.train import distributed
 from deeplm.train.trainer import PhaseTrainer, TrainHooks, phase_dir
 from deeplm.workflows.state_db import StateDB
 
@@ -459,23 +460,29 @@ def train_phase(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
         ctx.db.upsert_phase(phase.name, phase_idx, **fields)
         ctx.progress({"stage": stage, **info})
 
-    trainer = PhaseTrainer(
-        cfg,
-        phase_idx,
-        ctx.run_dir,
-        tok,
-        train_shard,
-        val_shard,
-        init_from=init_from,
-        hooks=TrainHooks(
-            on_progress=on_progress,
-            should_stop=ctx.should_stop,
-            log=ctx.log,
-            on_event=lambda kind, msg, data: ctx.db.log_event(stage, kind, msg, data),
-        ),
+    hooks = TrainHooks(
+        on_progress=on_progress,
+        should_stop=ctx.should_stop,
+        log=ctx.log,
+        on_event=lambda kind, msg, data: ctx.db.log_event(stage, kind, msg, data),
     )
     try:
-        outcome = trainer.run()
+        if distributed.world_size_of(cfg.train) > 1 and not distributed.under_torchrun():
+            # several devices/nodes: torchrun runs the ranks; this process stays the only
+            # StateDB writer (rank 0 reports progress through the job's output)
+            outcome = distributed.launch_phase(ctx.run_dir, cfg, phase_idx, hooks)
+        else:
+            trainer = PhaseTrainer(
+                cfg,
+                phase_idx,
+                ctx.run_dir,
+                tok,
+                train_shard,
+                val_shard,
+                init_from=init_from,
+                hooks=hooks,
+            )
+            outcome = trainer.run()
     except Exception as exc:
         ctx.db.fail_stage(stage, f"{type(exc).__name__}: {exc}")
         ctx.db.upsert_phase(phase.name, phase_idx, status="failed")

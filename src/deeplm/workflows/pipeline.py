@@ -13,7 +13,7 @@ function run in the worker's thread pool, so it never blocks the worker's event 
 - opens the StateDB and calls the *same* activity function as the local orchestrator
   (``activities.run_stage``);
 - heartbeats the stage's live cursor (tokenize: split, document index, tokens; train: phase,
-  step, tokens, loss, latest checkpoint) from a helper thread every couple of seconds, well
+  step, tokens, loss, latest checkpoint) from a helper thread every second, well
   inside the heartbeat timeout, also while a stage is busy without reporting progress;
 - on a retry (``attempt > 1``) reads the last heartbeat and resumes from the durable cursor the
   StateDB holds, which is written before each heartbeat and so is never behind it;
@@ -116,7 +116,7 @@ class StageInput:
     stage: str
     activity: str
     arg: int | None = None
-    heartbeat_every_s: float = 2.0
+    heartbeat_every_s: float = 1.0
 
 
 @dataclass
@@ -189,7 +189,7 @@ class DeeplmPipeline:
                 stage=plan.name,
                 activity=plan.activity,
                 arg=plan.arg,
-                heartbeat_every_s=max(0.5, min(2.0, t.heartbeat_s / 5)),
+                heartbeat_every_s=max(0.5, min(1.0, t.heartbeat_s / 5)),
             ),
             activity_id=plan.name,
             task_queue=queue,
@@ -404,7 +404,7 @@ def _public_type(exc: BaseException) -> str:
 
 def execute_stage(inp: StageInput) -> dict[str, Any]:
     """Run one stage through ``activities.run_stage`` inside a Temporal activity."""
-    from deeplm.config import ConfigError, config_from_json
+    from deeplm.config import ConfigError, config_from_json, config_to_json
     from deeplm.workflows.activities import RunContext, StageSpec, StageStopped, run_stage
     from deeplm.workflows.local import RunLocked, open_run, run_lock
 
@@ -413,10 +413,24 @@ def execute_stage(inp: StageInput) -> dict[str, Any]:
     beat = _Heartbeat(inp.stage, info.attempt, inp.heartbeat_every_s)
     beat.start()
     try:
+        # The client validated the config, so a worker that cannot read it back unchanged runs
+        # another deeplm version (it would also see "a different configuration" in the run
+        # directory). Retryable: a matching worker, or this one restarted, takes the retry.
+        worker = f"{socket.gethostname()}:{os.getpid()}"
         try:
             cfg = config_from_json(inp.config_json)
         except ConfigError as exc:
-            raise ApplicationError(str(exc), type="ConfigError", non_retryable=True) from None
+            raise ApplicationError(
+                f"this worker ({worker}) cannot read the run's config ({exc}): run workers on "
+                "the same deeplm version as the client",
+                type="WorkerVersionMismatch",
+            ) from None
+        if json.loads(config_to_json(cfg)) != json.loads(inp.config_json):
+            raise ApplicationError(
+                f"this worker ({worker}) reads the run's config with other fields than the "
+                "client that started it: run workers on the same deeplm version as the client",
+                type="WorkerVersionMismatch",
+            )
         run_dir = Path(inp.run_dir)
         log(f"starting (attempt {info.attempt}, run dir {run_dir})")
         with run_lock(run_dir):

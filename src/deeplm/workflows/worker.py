@@ -36,7 +36,7 @@ from deeplm.workflows.temporal_server import (
 
 # How often a running activity's heartbeat reaches the server at most (the SDK throttles to
 # this); it bounds how long a cancel takes to reach a running stage.
-HEARTBEAT_THROTTLE = timedelta(seconds=2)
+HEARTBEAT_THROTTLE = timedelta(seconds=1)
 
 
 def build_workers(

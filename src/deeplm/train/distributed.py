@@ -1,0 +1,680 @@
+"""Data-parallel training with PyTorch's own engine: ``torchrun`` + DDP (default) or FSDP2.
+
+Process group: :func:`init_distributed` reads the variables ``torchrun`` sets (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and joins the group with
+``nccl`` on CUDA and ``gloo`` elsewhere; :func:`torchrun_command` builds the launcher command
+(``NCCL_NVLS_ENABLE=0`` is set in its environment by :func:`launch_env`).
+
+Batch semantics ("without changing their configs"): the tokens of one optimizer step stay
+``seq_len * micro_batch * grad_accum`` whatever the world size ``W``, so ``total_steps``, the LR
+schedule and the token budget do not move. The step is split over the ranks:
+
+- when ``W`` divides ``grad_accum``, every rank keeps the configured ``micro_batch`` (the size
+  that fits one device) and runs ``grad_accum / W`` micro-batches;
+- otherwise, when ``W`` divides ``micro_batch``, every rank runs ``grad_accum`` micro-batches of
+  ``micro_batch / W`` windows;
+- otherwise the configuration is rejected (:class:`DistributedConfigError`).
+
+The loader (:class:`~deeplm.data.loader.PackedBatches` with ``rank``/``world_size``) reads the
+same stream of windows as one process and hands rank ``r`` the ``r``-th slice, so one optimizer
+step sees exactly the windows a single process would, and the loader state at a step boundary is
+identical. Gradients are averaged over ranks once per optimizer step (DDP ``no_sync`` / FSDP2
+``set_requires_gradient_sync(False)`` on all but the last micro-batch), which gives the same
+update as one process up to floating-point summation order.
+
+Checkpoints keep the single-process format: rank 0 writes ``model.safetensors`` (FSDP2: after
+gathering the full state dict) and an optimizer state dict keyed by parameter index, exactly what
+``torch.optim.Optimizer.state_dict()`` gives one process, with barriers around the write. Every
+rank resumes from the same checkpoint, so a checkpoint written by W processes resumes in any
+other number of processes (same global batch) and vice versa.
+
+Rank 0 alone logs metrics, shows progress, samples and writes files; every rank evaluates (an
+FSDP2 forward needs all ranks) and rank 0's value is broadcast, so early-stop decisions agree.
+Stop requests are decided on rank 0 and broadcast, so all ranks stop at the same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from deeplm.atomic import atomic_write_text
+from deeplm.config import PhaseConfig, RunConfig, TrainConfig, config_to_json
+from deeplm.data.loader import PackedBatches
+from deeplm.model import Transformer
+from deeplm.train import checkpoint as ckpt
+from deeplm.train.device import select_device
+from deeplm.train.trainer import (
+    PhaseOutcome,
+    PhaseTrainer,
+    TrainHooks,
+)
+
+# Lines the rank-0 worker prints for the launching process (progress, events): prefix + JSON.
+EVENT_PREFIX = "@@deeplm-dist "
+STOP_FILE = "STOP"  # in the phase's dist folder: the launcher asks the ranks to stop
+RESULT_FILE = "result.json"  # in the phase's dist folder: rank 0's PhaseOutcome
+
+
+class DistributedConfigError(ValueError):
+    """The configuration cannot be split over this many processes."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# ---------------------------------------------------------------------------- process group
+
+
+def under_torchrun() -> bool:
+    """True in a process started by torchrun (or any launcher that sets the same variables)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or (
+        "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+    )
+
+
+def env_from_environ() -> DistEnv:
+    return DistEnv(
+        rank=int(os.environ.get("RANK", "0")),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def current_env() -> DistEnv:
+    """This process's place in the initialised group (rank 0 of 1 when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistEnv()
+
+
+def init_distributed(device_pref: str = "auto") -> tuple[DistEnv, torch.device]:
+    """Join the process group torchrun describes; return this rank's place and device.
+
+    CUDA (``auto`` or ``cuda`` with GPUs present): ``nccl`` and ``cuda:LOCAL_RANK``. Otherwise
+    ``gloo`` on the device :func:`~deeplm.train.device.select_device` picks (CPU in practice).
+    Idempotent: an already initialised group is reused.
+    """
+    env = env_from_environ()
+    use_cuda = device_pref in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        select_device(device_pref)  # tf32 settings
+    else:
+        device = select_device(device_pref)
+    if env.world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {}
+        if device.type == "cuda":
+            kwargs["device_id"] = device
+        dist.init_process_group(backend=backend, **kwargs)
+    return env, device
+
+
+def teardown() -> None:
+    """Leave the process group (no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (so all ranks take the same branch)."""
+    if not is_dist():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def broadcast_float(value: float) -> float:
+    if not is_dist():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's picklable ``obj`` on every rank."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` over ranks (a new tensor; ``t`` itself is not modified)."""
+    if not is_dist():
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size()
+
+
+# ---------------------------------------------------------------------------- launching
+
+
+def world_size_of(train: TrainConfig) -> int:
+    return train.devices * train.nodes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for torchrun: the caller's, plus NVLink multicast off and one OpenMP
+    thread per rank unless set (torchrun's own default, stated explicitly)."""
+    env = dict(os.environ if base is None else base)
+    env["NCCL_NVLS_ENABLE"] = "0"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def torchrun_command(
+    train: TrainConfig, module_args: list[str], module: str = "deeplm.train.distributed_main"
+) -> list[str]:
+    """``python -m torch.distributed.run ... -m <module> <args>`` for ``train``'s topology.
+
+    One node: a free local port (standalone). Several nodes: a static rendezvous at
+    ``train.rdzv_endpoint`` (``host:port`` of node 0) with ``--node-rank train.node_rank``;
+    every node runs the same command with its own ``node_rank``.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={train.devices}"]
+    if train.nodes > 1:
+        host, _, port = train.rdzv_endpoint.rpartition(":")
+        cmd += [
+            f"--nnodes={train.nodes}",
+            f"--node-rank={train.node_rank}",
+            f"--master-addr={host}",
+            f"--master-port={port}",
+        ]
+    else:
+        cmd += ["--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+    return cmd + ["-m", module, *module_args]
+
+
+def dist_dir(run_dir: Path, phase_idx: int, phase: PhaseConfig) -> Path:
+    """Small files between the launcher and the ranks (stop request, result) for one phase."""
+    return run_dir / "dist" / f"{phase_idx + 1}-{phase.name}"
+
+
+def emit(kind: str, payload: dict[str, Any]) -> None:
+    """Rank 0 → launcher: one marked JSON line on stdout."""
+    print(EVENT_PREFIX + json.dumps({"kind": kind, **payload}, default=str), flush=True)
+
+
+def parse_event(line: str) -> dict[str, Any] | None:
+    i = line.find(EVENT_PREFIX)
+    if i < 0:
+        return None
+    try:
+        return json.loads(line[i + len(EVENT_PREFIX) :])
+    except json.JSONDecodeError:
+        return None
+
+
+# ---------------------------------------------------------------------------- batch split
+
+
+@dataclass
+class _RankPhase(PhaseConfig):
+    """A phase as one rank runs it: ``grad_accum`` is the rank's share, while the step's tokens
+    (hence ``total_steps`` and the schedule) stay those of the configured phase."""
+
+    global_grad_accum: int = 1
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.micro_batch * self.global_grad_accum
+
+
+def split_batch(phase: PhaseConfig, world: int) -> tuple[int, int]:
+    """(micro-batches per rank per step, windows per rank per micro-batch divisor): see the
+    module doc. Returns ``(grad_accum_per_rank, micro_batch_divisor)``."""
+    if world == 1:
+        return phase.grad_accum, 1
+    if phase.grad_accum % world == 0:
+        return phase.grad_accum // world, 1
+    smallest = min(phase.micro_batch_at(s) for s in range(0, phase.total_steps))
+    if phase.micro_batch % world == 0 and smallest % world == 0:
+        return phase.grad_accum, world
+    raise DistributedConfigError(
+        f"phase {phase.name!r}: {world} processes must divide grad_accum ({phase.grad_accum}) or "
+        f"micro_batch ({phase.micro_batch}) so that one optimizer step keeps its "
+        f"{phase.tokens_per_step} tokens"
+    )
+
+
+class _NullMetrics:
+    """The metrics sink of ranks other than 0."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------- trainer
+
+
+class DistributedPhaseTrainer(PhaseTrainer):
+    """:class:`PhaseTrainer` on every rank of a torchrun job (DDP or FSDP2; see module doc)."""
+
+    def __init__(self, cfg: RunConfig, phase_idx: int, *args: Any, **kwargs: Any):
+        self.env = current_env()
+        if not self.env.is_main:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
+        super().__init__(cfg, phase_idx, *args, **kwargs)
+        self.parallel = cfg.train.parallel
+        if self.parallel == "fsdp2" and self.phase.lora_rank > 0:
+            raise DistributedConfigError(
+                f"phase {self.phase.name!r}: LoRA is not supported with train.parallel = 'fsdp2'"
+                " (the adapters are small: use 'ddp')"
+            )
+        world = self.env.world_size
+        ga, self.micro_div = split_batch(self.phase, world)
+        if ga != self.phase.grad_accum:
+            values = {f.name: getattr(self.phase, f.name) for f in dataclasses.fields(self.phase)}
+            values["grad_accum"] = ga
+            self.phase = _RankPhase(**values, global_grad_accum=self.phase.grad_accum)
+        outer = self.hooks
+        main = self.env.is_main
+        self.hooks = TrainHooks(
+            on_progress=outer.on_progress if main else lambda info: None,
+            should_stop=lambda: broadcast_flag(outer.should_stop() if main else False),
+            log=outer.log if main else lambda s: None,
+            on_event=outer.on_event if main else lambda kind, msg, data: None,
+        )
+        self._wrapped: nn.Module | None = None
+        self._wrapped_key: tuple[int, int] | None = None
+        self._micro = 0
+        self._plain: Transformer | None = None
+        self._osd_cache: dict[str, Any] | None = None
+
+    # -------------------------------------------------------------- model wrapping
+
+    def _wrap(self) -> nn.Module:
+        """The DDP wrapper of ``self.model`` (FSDP2: the sharded model itself). Rebuilt when the
+        model object or the frozen-layer count changes (DDP registers the trainable parameters
+        once, at construction)."""
+        if self.parallel == "fsdp2" or self.env.world_size == 1:
+            return self.model
+        key = (id(self.model), self.model.n_frozen)
+        if self._wrapped is None or self._wrapped_key != key:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._wrapped = DDP(self.model, device_ids=ids)
+            self._wrapped_key = key
+        return self._wrapped
+
+    def _shard(self) -> None:
+        """FSDP2: shard every block, then the root (embedding, final norm, head)."""
+        from torch.distributed.fsdp import fully_shard
+
+        for block in self.model.blocks:
+            fully_shard(block)
+        fully_shard(self.model)
+
+    def _setup(self, existing: ckpt.Checkpoint | None) -> tuple[int, int]:
+        self._micro = 0
+        self._wrapped = None
+        if self.parallel != "fsdp2" or self.env.world_size == 1:
+            return super()._setup(existing)
+        from deeplm.train.optim import build_optimizer
+
+        self._load_model(existing)
+        self.model.to(self.device)
+        self.model.train()
+        self._shard()
+        self.optimizer = build_optimizer(self.model, self.phase, self.device)
+        self.first_val_loss = None
+        self.best_val = None
+        self.evals_since_best = 0
+        if existing is None:
+            self.loader = self._make_loader(self.phase.context_at(0), 0)
+            return 0, 0
+        state = ckpt.load_trainer_state(existing.path)
+        state = dict(state, optimizer=self._fqn_optimizer_state(state["optimizer"]))
+        return self._restore(state)
+
+    def _compiled(self) -> nn.Module:
+        super()._compiled()
+        return self._wrap()
+
+    def _make_loader(self, seq_len: int, step: int) -> PackedBatches:
+        micro_batch = self.phase.micro_batch * self.phase.seq_len // seq_len // self.micro_div
+        return PackedBatches(
+            self.train_shard,
+            seq_len,
+            micro_batch,
+            seed=self.cfg.seed + 1000 * self.phase_idx,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _forward_loss(self, model, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch: gradients are all-reduced only on the step's last micro-batch. The
+        returned losses carry the rank's gradient but the value averaged over ranks, so logging,
+        NaN checks and rollbacks see (and agree on) the global loss."""
+        self._micro += 1
+        last = self._micro % self.phase.grad_accum == 0
+        model = self._wrap()
+        if self.env.world_size == 1:
+            return super()._forward_loss(model, x, y)
+        if self.parallel == "fsdp2":
+            model.set_requires_gradient_sync(last)
+            loss, unweighted = super()._forward_loss(model, x, y)
+        elif last:
+            loss, unweighted = super()._forward_loss(model, x, y)
+        else:
+            with model.no_sync():
+                loss, unweighted = super()._forward_loss(model, x, y)
+        mean = all_reduce_mean(torch.stack([loss.detach(), unweighted.detach()]).float())
+        loss = loss + (mean[0] - loss).detach()
+        unweighted = unweighted + (mean[1] - unweighted).detach()
+        return loss, unweighted
+
+    # -------------------------------------------------------------- eval / samples
+
+    def _evaluate(self, step: int, tokens: int) -> float:
+        return broadcast_float(super()._evaluate(step, tokens))
+
+    def _samples(self, step: int) -> list[dict[str, str]]:
+        """Rank 0 samples. FSDP2: generation's cached decoding does not go through the sharded
+        forward, so every rank gathers the full weights and rank 0 samples with a plain copy."""
+        if self.parallel == "fsdp2" and self.env.world_size > 1:
+            full = self._full_model()
+            if full is None:
+                return []
+            sharded, self.model = self.model, full
+            try:
+                return super()._samples(step)
+            finally:
+                self.model = sharded
+        return super()._samples(step) if self.env.is_main else []
+
+    def _full_model(self) -> Transformer | None:
+        """FSDP2 (collective): the full weights gathered into a plain model on rank 0 (None on
+        the other ranks). Built outside the training RNG, so exact resume is unaffected."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd = get_model_state_dict(self.model, options=opts)
+        if not self.env.is_main:
+            return None
+        if self._plain is None:
+            with torch.random.fork_rng(devices=[]):
+                self._plain = Transformer(self.cfg.model).to(self.device)
+        self._plain.load_state_dict(msd)
+        self._plain.set_frozen_layers(self.model.n_frozen)
+        return self._plain
+
+    # -------------------------------------------------------------- checkpoints
+
+    def _param_fqns(self) -> list[str]:
+        """Names of the optimizer's parameters in its own order (= state-dict indices)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _fqn_optimizer_state(self, osd: dict[str, Any]) -> dict[str, Any]:
+        """A single-process optimizer state dict (integer keys) → FSDP2's full, name-keyed one."""
+        fqns = self._param_fqns()
+        return {
+            "state": {fqns[int(i)]: v for i, v in osd["state"].items()},
+            "param_groups": [
+                dict(g, params=[fqns[int(i)] for i in g["params"]]) for g in osd["param_groups"]
+            ],
+        }
+
+    def _int_optimizer_state(self, osd: dict[str, Any]) -> dict[str, Any]:
+        index = {n: i for i, n in enumerate(self._param_fqns())}
+        groups = []
+        for g in osd["param_groups"]:
+            g = dict(g, params=[index[n] for n in g["params"]])
+            if isinstance(g.get("betas"), list):  # as torch.optim writes it
+                g["betas"] = tuple(g["betas"])
+            groups.append(g)
+        return {"state": {index[n]: v for n, v in osd["state"].items()}, "param_groups": groups}
+
+    def _restore(self, state: dict[str, Any]) -> tuple[int, int]:
+        if self.parallel != "fsdp2" or self.env.world_size == 1:
+            return super()._restore(state)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+        real = self.optimizer.load_state_dict
+        self.optimizer.load_state_dict = lambda sd: None  # already loaded (sharded) above
+        try:
+            return super()._restore(state)
+        finally:
+            self.optimizer.load_state_dict = real
+
+    def _trainer_state(self, step: int, tokens: int) -> dict[str, Any]:
+        if self._osd_cache is None:
+            return super()._trainer_state(step, tokens)
+        real = self.optimizer.state_dict
+        self.optimizer.state_dict = lambda: self._osd_cache  # FSDP2: the gathered full state
+        try:
+            return super()._trainer_state(step, tokens)
+        finally:
+            self.optimizer.state_dict = real
+
+    def _save(self, step: int, tokens: int, final: bool, extra: dict | None = None) -> Path:
+        """Rank 0 writes the checkpoint (single-process format); all ranks wait for it."""
+        path = ckpt.step_dir(self.dir, step)
+        if self.env.world_size == 1:
+            return super()._save(step, tokens, final, extra)
+        barrier()
+        if self.parallel == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            plain = self._full_model()
+            osd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+            if plain is not None:
+                self._osd_cache = self._int_optimizer_state(osd)
+                try:
+                    ckpt.save_checkpoint(
+                        self.dir,
+                        step,
+                        plain,
+                        self._trainer_state(step, tokens),
+                        self._meta(tokens, final, extra),
+                    )
+                    ckpt.apply_retention(self.dir, self.phase.keep_last)
+                finally:
+                    self._osd_cache = None
+        elif self.env.is_main:
+            path = super()._save(step, tokens, final, extra)
+        barrier()
+        return path
+
+    # -------------------------------------------------------------- main
+
+    def run(self) -> PhaseOutcome:
+        if self.env.world_size > 1:
+            # rank 0 verifies the checkpoints first (moving a corrupted one aside), so every
+            # rank then finds the same newest checkpoint to resume from
+            if self.env.is_main:
+                ckpt.latest_checkpoint(self.dir)
+            barrier()
+        return super().run()
+
+    def _make_metrics(self, resume_step: int) -> Any:
+        """Only rank 0 writes metrics files; other ranks log into a null sink."""
+        return super()._make_metrics(resume_step) if self.env.is_main else _NullMetrics()
+
+
+def install_sigterm_stop() -> dict[str, bool]:
+    """SIGTERM (from torchrun forwarding a stop) sets a flag that rank 0's should_stop reads."""
+    flag = {"stop": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        flag["stop"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    return flag
+
+
+# ---------------------------------------------------------------------------- launcher
+
+
+class DistributedRunError(RuntimeError):
+    """The torchrun job failed (a rank crashed or was killed); its checkpoints remain."""
+
+
+def launch_phase(
+    run_dir: Path, cfg: RunConfig, phase_idx: int, hooks: TrainHooks, grace_s: float = 120.0
+) -> PhaseOutcome:
+    """Train one phase under torchrun (this node's share of ``cfg.train``'s topology) and return
+    rank 0's outcome. Called by the ``train_phase`` activity in the orchestrating process, which
+    stays the only writer of the StateDB: rank 0's progress and events arrive as marked lines on
+    the job's stdout and are handed to ``hooks`` here, in this thread. ``hooks.should_stop()`` is
+    polled here too; when it turns true a ``STOP`` file asks the ranks to checkpoint and stop at
+    the next step (SIGTERM to the job's process group after ``grace_s`` seconds). An exception
+    in this process (e.g. KeyboardInterrupt) sends SIGTERM to the job, which does the same."""
+    phase = cfg.phases[phase_idx]
+    folder = dist_dir(run_dir, phase_idx, phase)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (STOP_FILE, RESULT_FILE):
+        (folder / name).unlink(missing_ok=True)
+    cfg_path = folder / "config.json"
+    atomic_write_text(cfg_path, config_to_json(cfg))
+    cmd = torchrun_command(cfg.train, [str(run_dir), str(phase_idx), "--config", str(cfg_path)])
+    hooks.log(f"[{phase.name}] launching {world_size_of(cfg.train)} processes: {shlex.join(cmd)}")
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        env=launch_env(),
+        start_new_session=True,  # its own process group: a stop signal reaches every rank
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    tail: list[str] = []
+    stop_sent_at: float | None = None
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                line = ""
+            if line is None:
+                break
+            if line:
+                event = parse_event(line)
+                if event is None:
+                    hooks.log(line.rstrip("\n"))
+                    tail = (tail + [line.rstrip("\n")])[-20:]
+                elif event.pop("kind") == "progress":
+                    hooks.on_progress(event)
+                else:
+                    hooks.on_event(event["type"], event["msg"], event.get("data") or {})
+            if stop_sent_at is None and hooks.should_stop():
+                atomic_write_text(folder / STOP_FILE, "stop requested\n")
+                stop_sent_at = time.monotonic()
+            elif stop_sent_at is not None and time.monotonic() - stop_sent_at > grace_s:
+                _signal_group(proc, signal.SIGTERM)
+                stop_sent_at = float("inf")
+        rc = proc.wait()
+    except BaseException:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+        raise
+    reader.join(timeout=5)
+    result_path = folder / RESULT_FILE
+    result = json.loads(result_path.read_text()) if result_path.is_file() else None
+    if rc != 0 or result is None or result.get("status") == "failed":
+        why = (result or {}).get("error") or "\n".join(tail[-10:])
+        raise DistributedRunError(
+            f"[{phase.name}] torchrun exited with status {rc}; resume restarts from the last "
+            f"checkpoint. {why}"
+        )
+    return PhaseOutcome(**result)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,174 @@
+"""Worker entry point of a data-parallel train stage: one torchrun process per device.
+
+    torchrun --nproc-per-node 2 -m deeplm.train.distributed_main RUN_DIR PHASE_IDX [--config F]
+
+Every rank trains phase ``PHASE_IDX`` of the run in ``RUN_DIR`` with
+:class:`~deeplm.train.distributed.DistributedPhaseTrainer`. The config is ``--config`` (the
+launching activity writes the effective one there) or the run's ``config.json``; ``PHASE_IDX``
+may be ``next``: the first phase without a final checkpoint.
+
+The other nodes of a multi-node job run, outside torchrun (docs/distributed.md):
+
+    python -m deeplm.train.distributed_main RUN_DIR follow --config CFG.toml|json --node-rank K
+
+which waits for the shards, then starts this node's torchrun for each phase in turn (node 0's
+pipeline starts the same jobs) until every phase has its final checkpoint.
+
+Rank 0 prints progress and events as marked JSON lines for the launcher (which alone writes the
+StateDB), and writes ``result.json`` (the phase outcome) into the phase's ``dist`` folder. A
+``STOP`` file there, or SIGTERM, asks the ranks to checkpoint and stop at the next step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from deeplm.atomic import atomic_write_json
+from deeplm.config import RunConfig, config_from_json, config_to_json, load_config
+from deeplm.data.shards import Shard
+from deeplm.tokenizer import Tokenizer
+from deeplm.train import checkpoint as ckpt
+from deeplm.train.distributed import (
+    RESULT_FILE,
+    STOP_FILE,
+    DistributedPhaseTrainer,
+    dist_dir,
+    emit,
+    init_distributed,
+    install_sigterm_stop,
+    launch_env,
+    teardown,
+    torchrun_command,
+)
+from deeplm.train.trainer import TrainHooks, phase_dir
+
+
+def next_phase(run_dir: Path, cfg: RunConfig) -> int | None:
+    """The first phase without a final checkpoint (None when all are done)."""
+    for i, phase in enumerate(cfg.phases):
+        latest = ckpt.latest_checkpoint(phase_dir(run_dir, i, phase), verify_files=False)
+        if latest is None or not latest.meta.get("final"):
+            return i
+    return None
+
+
+def _load(path: Path) -> RunConfig:
+    if path.suffix == ".toml":
+        return load_config(config_file=path)
+    return config_from_json(path.read_text(encoding="utf-8"))
+
+
+def follow(run_dir: Path, cfg: RunConfig, cfg_path: Path, poll_s: float = 10.0) -> int:
+    """A non-zero node of a multi-node job: run this node's torchrun for each phase in turn."""
+    from deeplm.workflows.activities import shard_prefix, tokenizer_path
+
+    while True:
+        idx = next_phase(run_dir, cfg)
+        if idx is None:
+            print("[follow] every phase has its final checkpoint", flush=True)
+            return 0
+        phase = cfg.phases[idx]
+        ready = tokenizer_path(run_dir).is_file() and all(
+            Path(f"{shard_prefix(run_dir, phase.name, s)}.bin").is_file() for s in ("train", "val")
+        )
+        if ready:
+            cmd = torchrun_command(cfg.train, [str(run_dir), str(idx), "--config", str(cfg_path)])
+            print(f"[follow] phase {phase.name}: {shlex.join(cmd)}", flush=True)
+            rc = subprocess.run(cmd, env=launch_env()).returncode
+            if rc == 0:
+                continue
+            print(f"[follow] torchrun exited with {rc}; waiting for node 0 to restart", flush=True)
+        time.sleep(poll_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("phase", help="phase index, 'next', or 'follow' (outside torchrun)")
+    ap.add_argument(
+        "--config", type=Path, help="config JSON or TOML (default: RUN_DIR/config.json)"
+    )
+    ap.add_argument("--node-rank", type=int, help="follow: this node's rank (overrides config)")
+    args = ap.parse_args(argv)
+    # imported here: activities imports the trainer, not the other way round
+    from deeplm.workflows.activities import shard_prefix, tokenizer_path
+
+    run_dir: Path = args.run_dir
+    cfg_path: Path = args.config or run_dir / "config.json"
+    cfg = _load(cfg_path)
+    if args.phase == "follow":
+        if args.node_rank is not None:
+            cfg.train.node_rank = args.node_rank
+        cfg.validate()
+        resolved = run_dir / "dist" / f"follow-node{cfg.train.node_rank}.json"
+        resolved.parent.mkdir(parents=True, exist_ok=True)
+        resolved.write_text(config_to_json(cfg), encoding="utf-8")
+        return follow(run_dir, cfg, resolved)
+    sigterm = install_sigterm_stop()
+    env, _device = init_distributed(cfg.train.device)
+    try:
+        if args.phase == "next":
+            idx = next_phase(run_dir, cfg)
+            if idx is None:
+                return 0
+        else:
+            idx = int(args.phase)
+        phase = cfg.phases[idx]
+        folder = dist_dir(run_dir, idx, phase)
+        if env.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+        tok = Tokenizer.load(tokenizer_path(run_dir))
+        train_shard = Shard.open(shard_prefix(run_dir, phase.name, "train"), tok.hash)
+        val_shard = Shard.open(shard_prefix(run_dir, phase.name, "val"), tok.hash)
+        init_from = None
+        if idx > 0:
+            prev = cfg.phases[idx - 1]
+            latest = ckpt.latest_checkpoint(phase_dir(run_dir, idx - 1, prev), verify_files=False)
+            if latest is None or not latest.meta.get("final"):
+                raise RuntimeError(
+                    f"phase {phase.name!r} needs the final checkpoint of {prev.name!r}"
+                )
+            init_from = latest.path
+
+        def should_stop() -> bool:
+            return sigterm["stop"] or (folder / STOP_FILE).exists()
+
+        hooks = TrainHooks(
+            on_progress=lambda info: emit("progress", info),
+            should_stop=should_stop,
+            log=lambda msg: print(msg, flush=True),
+            on_event=lambda kind, msg, data: emit(
+                "event", {"type": kind, "msg": msg, "data": data}
+            ),
+        )
+        trainer = DistributedPhaseTrainer(
+            cfg, idx, run_dir, tok, train_shard, val_shard, init_from=init_from, hooks=hooks
+        )
+        try:
+            outcome = trainer.run()
+        except Exception as exc:
+            if env.is_main:
+                atomic_write_json(
+                    folder / RESULT_FILE,
+                    {"status": "failed", "error": f"{type(exc).__name__}: {exc}"},
+                )
+            raise
+        if env.is_main:
+            atomic_write_json(folder / RESULT_FILE, dataclasses.asdict(outcome))
+        return 0
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
