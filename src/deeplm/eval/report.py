@@ -103,7 +103,8 @@ def render_report(
     if db is not None:
         lines += ["## Stages", "", "| stage | status | wall time (s) |", "|---|---|---|"]
         for row in db.stages():
-            lines.append(f"| {row.name} | {row.status} | {row.elapsed_s:.1f} |")
+            status = "writing this report" if row.status == "running" else row.status
+            lines.append(f"| {row.name} | {status} | {row.elapsed_s:.1f} |")
         lines += [
             "",
             "## Phases",
