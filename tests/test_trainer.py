@@ -120,3 +120,23 @@ def test_metrics_files_have_throughput_and_lr(corpus, tmp_path):
     header = (tmp_path / "metrics" / "p1.csv").read_text().splitlines()[0]
     assert "tokens_per_s" in header and "mfu" in header
     assert list((tmp_path / "tensorboard" / "p1").glob("events.out.tfevents.*"))
+
+
+def test_checkpoint_of_another_tokenizer_is_never_resumed(corpus, tmp_path):
+    full, _ = _train(corpus, tmp_path / "a", micro_config(keep_last=10))
+    run = tmp_path / "b"
+    _train(corpus, run, micro_config(keep_last=10), stop_after=4)
+    phase_dir = run / "checkpoints" / "1-p1"
+    meta_path = phase_dir / "step-0000004" / ckpt.META
+    meta = json.loads(meta_path.read_text())
+    meta["tokenizer_hash"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    done = json.loads((phase_dir / "step-0000004" / ckpt.DONE).read_text())
+    from deeplm.atomic import sha256_file
+
+    done[ckpt.META] = sha256_file(meta_path)  # a valid checkpoint, only of another tokenizer
+    (phase_dir / "step-0000004" / ckpt.DONE).write_text(json.dumps(done))
+    out, _ = _train(corpus, run, micro_config(keep_last=10))
+    assert (phase_dir / "step-0000004.other-tokenizer").is_dir()
+    a, b = _final_weights(full), _final_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed from step 2, not from step 4

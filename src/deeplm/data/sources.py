@@ -206,7 +206,13 @@ def iter_files(
         stats = SourceStats()
     p = Path(path).expanduser()
     if not p.is_absolute():
-        p = Path(base_dir) / p
+        root = Path(os.path.abspath(base_dir))
+        p = Path(os.path.abspath(root / p))
+        if not p.is_relative_to(root):  # a relative path may not climb out of the data root
+            raise SourceError(
+                f"files source: path {str(path)!r} resolves to {p}, outside the data root "
+                f"{root}; give an absolute path to read data from elsewhere"
+            )
     p = Path(os.path.abspath(p))
     if not p.exists():
         raise SourceError(f"files source: path {p} does not exist")
@@ -308,6 +314,8 @@ def _parse_jsonl_line(raw: bytes, text_field: str) -> tuple[str | None, str]:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         return f"invalid JSON ({exc.msg} at column {exc.colno})", ""
+    except RecursionError:
+        return "JSON nested too deeply", ""
     if not isinstance(obj, dict):
         return f"not a JSON object (got {type(obj).__name__})", ""
     if text_field not in obj:

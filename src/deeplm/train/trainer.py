@@ -319,7 +319,7 @@ class PhaseTrainer:
     def run(self) -> PhaseOutcome:
         cfg, phase, hooks = self.cfg, self.phase, self.hooks
         total = phase.total_steps
-        existing = ckpt.latest_checkpoint(self.dir)
+        existing = self._latest_compatible()
         if existing is not None and existing.meta.get("final"):
             return PhaseOutcome(
                 status="done",
@@ -357,6 +357,27 @@ class PhaseTrainer:
             return self._loop(step, tokens, existing)
         finally:
             self.metrics.close()
+
+    def _latest_compatible(self) -> ckpt.Checkpoint | None:
+        """The newest good checkpoint of this phase made with this run's tokenizer; checkpoints
+        of another tokenizer (token ids mean something else) are moved aside, never resumed."""
+        while (latest := ckpt.latest_checkpoint(self.dir)) is not None:
+            if latest.meta.get("tokenizer_hash") in (None, self.tokenizer.hash):
+                return latest
+            aside = latest.path.with_name(latest.path.name + ".other-tokenizer")
+            latest.path.rename(aside)
+            self.hooks.log(
+                f"[{self.phase.name}] {latest.path} was made with another tokenizer; "
+                f"moved aside to {aside.name}"
+            )
+        if self.init_from is not None:
+            meta = ckpt.read_meta(self.init_from)
+            if meta.get("tokenizer_hash") not in (None, self.tokenizer.hash):
+                raise ckpt.CheckpointError(
+                    f"{self.init_from} was trained with another tokenizer than this run's "
+                    f"({str(meta.get('tokenizer_hash'))[:12]} vs {self.tokenizer.hash[:12]})"
+                )
+        return None
 
     def _make_metrics(self, resume_step: int) -> MetricsLogger:
         """The phase's metrics sink (a distributed trainer gives ranks other than 0 a null one)."""

@@ -28,6 +28,7 @@ from deeplm.data.kinds import excluded_kind
 from deeplm.data.shards import (
     Shard,
     ShardCursor,
+    ShardError,
     ShardResumeError,
     ShardStopped,
     is_shard_complete,
@@ -427,6 +428,36 @@ def final_checkpoint_of(ctx: RunContext, phase_idx: int) -> Path | None:
     return None
 
 
+def open_verified_shard(ctx: RunContext, phase_idx: int, split: str, tok: Tokenizer) -> Shard:
+    """Open a phase's shard for training after a full check: sizes, tokenizer, the sha256 of its
+    data against its metadata and of its ``.bin`` against the StateDB record. A shard that fails
+    is moved aside (``.corrupt``), the tokenize stage is reset and the shard rebuilt in place
+    (tokenization is deterministic, so the rebuilt shard is byte-identical to the original)."""
+    phase = ctx.cfg.phases[phase_idx]
+    prefix = shard_prefix(ctx.run_dir, phase.name, split)
+    bin_path = Path(f"{prefix}.bin")
+    try:
+        shard = Shard.open(prefix, tok.hash)
+        shard.verify()
+        if ctx.db.artifact(bin_path) is not None and not ctx.db.artifact_ok(
+            bin_path, verify_hash=True
+        ):
+            raise ShardError(f"{bin_path}: sha256 differs from the one in the StateDB")
+        return shard
+    except ShardError as exc:
+        problem = str(exc)
+    from deeplm.workflows.integrity import move_aside
+
+    for path in (bin_path, Path(f"{prefix}.idx.npy"), Path(f"{prefix}.json")):
+        if path.exists():
+            move_aside(path)
+    stage = f"tokenize:{phase.name}"
+    ctx.log(f"[integrity] {problem}; shard moved aside (.corrupt), rebuilding it")
+    ctx.db.reset_stage(stage, f"corrupt shard: {problem}")
+    tokenize(ctx, phase_idx)
+    return Shard.open(prefix, tok.hash)
+
+
 def train_phase(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
     """Train phase ``phase_idx`` from its newest checkpoint (or the previous phase's final one)."""
     cfg = ctx.cfg
@@ -444,8 +475,8 @@ def train_phase(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
                 f"phase {phase.name!r} needs the final checkpoint of phase "
                 f"{cfg.phases[phase_idx - 1].name!r}, which does not exist yet"
             )
-    train_shard = Shard.open(shard_prefix(ctx.run_dir, phase.name, "train"), tok.hash)
-    val_shard = Shard.open(shard_prefix(ctx.run_dir, phase.name, "val"), tok.hash)
+    train_shard = open_verified_shard(ctx, phase_idx, "train", tok)
+    val_shard = open_verified_shard(ctx, phase_idx, "val", tok)
     ctx.db.start_stage(stage)
     ctx.db.upsert_phase(phase.name, phase_idx, status="running", total_steps=phase.total_steps)
 

@@ -16,6 +16,7 @@ from typing import Any
 from deeplm.atomic import atomic_write_text
 from deeplm.config import RunConfig, config_from_json, config_to_json
 from deeplm.workflows.activities import RunContext, StageStopped, pipeline_stages, run_stage
+from deeplm.workflows.integrity import reconcile
 from deeplm.workflows.state_db import StateDB
 
 CONFIG_FILE = "config.json"
@@ -96,6 +97,11 @@ def run_local(
         summary: dict[str, Any] = {"stages": {}, "status": "running"}
         t_run = time.perf_counter()
         try:
+            findings = reconcile(db, cfg)
+            for line in findings:
+                log(f"[integrity] {line}")
+            if findings:
+                summary["integrity"] = findings
             db.set_run_status("running")
             for spec in pipeline_stages(cfg):
                 if data_only and spec.queue != "cpu":

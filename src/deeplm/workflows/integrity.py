@@ -1,0 +1,100 @@
+"""Reconcile a run's StateDB with its files on start.
+
+For every stage marked ``done``, each artifact it recorded (``artifacts.producer == stage``) must
+still be on disk with the recorded size and sha256 (the hash is only computed when the size
+matches). A stage with a missing or altered output is reset so it runs again, and so are the
+stages that consume that output:
+
+* docs (``prepare``) feed the tokenizer and the shards: ``tokenizer``, ``tokenize:*``, ``train:*``
+  and ``evaluate`` are reset too (they re-check their own outputs and redo only what differs);
+* a changed tokenizer invalidates ``tokenize:*``, ``train:*`` and ``evaluate``;
+* a shard of phase P (``tokenize:P``) invalidates ``train:P``, later phases and ``evaluate``;
+* a final checkpoint of phase P (``train:P``) invalidates later phases and ``evaluate``;
+* the report (``evaluate``) invalidates nothing.
+
+An altered file is moved aside with a ``.corrupt`` suffix (kept for inspection, never read
+again); a corrupted checkpoint's whole folder is moved aside, so training resumes from the
+previous good checkpoint. Returns the findings as human-readable lines.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from deeplm.atomic import sha256_file
+from deeplm.config import RunConfig
+from deeplm.workflows.state_db import StateDB
+
+
+def _stage_order(cfg: RunConfig) -> list[str]:
+    from deeplm.workflows.activities import pipeline_stages
+
+    return [s.name for s in pipeline_stages(cfg)]
+
+
+def downstream(cfg: RunConfig, stage: str) -> list[str]:
+    """The stages whose inputs include ``stage``'s outputs (not ``stage`` itself)."""
+    names = _stage_order(cfg)
+    phases = [p.name for p in cfg.phases]
+    if stage in ("prepare", "tokenizer"):
+        return [n for n in names if n.startswith(("tokenizer", "tokenize:", "train:", "evaluate"))]
+    if stage.startswith(("tokenize:", "train:")):
+        i = phases.index(stage.split(":", 1)[1])
+        return [f"train:{p}" for p in phases[i:] if f"train:{p}" != stage] + ["evaluate"]
+    return []
+
+
+def move_aside(path: Path) -> Path:
+    """Rename ``path`` (file or folder) to ``<path>.corrupt``, replacing an older one."""
+    aside = path.with_name(path.name + ".corrupt")
+    if aside.is_dir():
+        shutil.rmtree(aside)
+    elif aside.exists():
+        aside.unlink()
+    os.replace(path, aside)
+    return aside
+
+
+def check_artifact(db: StateDB, rec: dict) -> str | None:
+    """None when the recorded artifact is intact, else what is wrong with it."""
+    p = Path(rec["path"])
+    if not p.is_file():
+        return "missing"
+    size = p.stat().st_size
+    if size != rec["bytes"]:
+        return f"size {size} bytes, recorded {rec['bytes']}"
+    if sha256_file(p) != rec["sha256"]:
+        return "sha256 differs from the recorded one"
+    return None
+
+
+def reconcile(db: StateDB, cfg: RunConfig) -> list[str]:
+    """Reset every ``done`` stage whose recorded outputs are missing or altered (and the stages
+    downstream of it); move altered files aside. Returns the findings (empty: all intact)."""
+    findings: list[str] = []
+    order = _stage_order(cfg)
+    done = {r.name for r in db.stages() if r.status == "done"}
+    to_reset: dict[str, str] = {}
+    for stage in order:
+        if stage not in done:
+            continue
+        for rec in db.artifacts(producer=stage):
+            problem = check_artifact(db, rec)
+            if problem is None:
+                continue
+            p = Path(rec["path"])
+            msg = f"{stage}: {p} {problem}"
+            if problem != "missing":
+                target = p.parent if rec["kind"] == "checkpoint" else p
+                aside = move_aside(target)
+                msg += f"; moved aside to {aside}"
+            findings.append(msg + "; the stage will be redone")
+            to_reset.setdefault(stage, f"{p.name} {problem}")
+            for d in downstream(cfg, stage):
+                to_reset.setdefault(d, f"its input from {stage} changed")
+    for stage in order:
+        if stage in to_reset and stage in done:
+            db.reset_stage(stage, f"reconcile: {to_reset[stage]}")
+    return findings
