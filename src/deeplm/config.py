@@ -317,6 +317,8 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     log_every: int = 10
     progress: bool = True
+    # Warn (and log a "stall" event) when one optimizer step takes longer than this (0 = off).
+    stall_timeout_s: float = 600.0
     # Data parallel (docs/distributed.md): processes per node, nodes, this node's rank, the
     # rendezvous host:port of node 0 (multi-node), and ddp | fsdp2. devices * nodes > 1 makes the
     # train stage launch torchrun; tokens per optimizer step stay those of the phase config.

@@ -10,6 +10,7 @@ phase plus every checkpoint whose meta says ``keep`` (phase-final, pre-freeze).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -27,6 +28,10 @@ WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer.pt"
 META = "meta.json"
 DONE = "DONE"
+
+
+class DiskFullError(RuntimeError):
+    """The disk filled up while writing; what was written before is intact."""
 
 
 class CheckpointError(RuntimeError):
@@ -65,6 +70,27 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    try:
+        _write_files(tmp, model, trainer_state, meta, step)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise DiskFullError(
+                f"{phase_dir}: no space left on the device while writing the checkpoint of step "
+                f"{step}; the earlier checkpoints are intact. Free some space (or lower "
+                "keep_last) and run the same command again"
+            ) from exc
+        raise
+    if final.exists():  # an incomplete leftover of an earlier crash
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(phase_dir)
+    return final
+
+
+def _write_files(
+    tmp: Path, model: nn.Module, trainer_state: dict[str, Any], meta: dict[str, Any], step: int
+) -> None:
     save_model(_unwrap(model), str(tmp / WEIGHTS))
     torch.save(trainer_state, tmp / TRAINER_STATE)
     (tmp / META).write_text(json.dumps(meta | {"step": step}, indent=2, sort_keys=True))
@@ -75,11 +101,6 @@ def save_checkpoint(
     (tmp / DONE).write_text(json.dumps(digests, indent=2, sort_keys=True))
     _fsync_file(tmp / DONE)
     fsync_dir(tmp)
-    if final.exists():  # an incomplete leftover of an earlier crash
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(phase_dir)
-    return final
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,48 @@ from deeplm.train.weighting import token_weights
 
 class TrainingDiverged(RuntimeError):
     """The loss kept diverging after every allowed rollback."""
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory; the message names the settings to change."""
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+class StallWatchdog:
+    """A daemon thread that reports an optimizer step running longer than ``timeout_s``
+    (a hung data read, a deadlocked collective, a swapping machine) — once per stall."""
+
+    def __init__(self, timeout_s: float, report: Callable[[float], None]):
+        self.timeout_s = timeout_s
+        self.report = report
+        self._last = time.monotonic()
+        self._reported = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="deeplm-stall")
+
+    def __enter__(self) -> StallWatchdog:
+        if self.timeout_s > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+        self._reported = False
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+            waited = time.monotonic() - self._last
+            if waited > self.timeout_s and not self._reported:
+                self._reported = True
+                self.report(waited)
 
 
 @dataclass
@@ -353,8 +396,30 @@ class PhaseTrainer:
             hooks.log(f"[{phase.name}] resuming from {existing.path} (step {step}/{total})")
 
         self.metrics = self._make_metrics(step)
+
+        def stalled(seconds: float) -> None:
+            msg = (
+                f"step {getattr(self, 'current_step', step) + 1} has run for {seconds:.0f}s "
+                f"(train.stall_timeout_s = {cfg.train.stall_timeout_s:g}): stalled?"
+            )
+            hooks.log(f"[{phase.name}] warning: {msg}")
+            hooks.on_event("stall", msg, {"seconds": seconds})
+
+        self.watchdog = StallWatchdog(cfg.train.stall_timeout_s, stalled)
         try:
-            return self._loop(step, tokens, existing)
+            with self.watchdog:
+                return self._loop(step, tokens, existing)
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            seq = phase.context_at(getattr(self, "current_step", step))
+            raise OutOfMemory(
+                f"[{phase.name}] out of {self.device.type} memory at context {seq} with "
+                f"micro-batch {phase.micro_batch * phase.seq_len // seq}: lower "
+                f"phases[{self.phase_idx}].micro_batch (raise grad_accum to keep the tokens per "
+                "step), or set model.grad_checkpointing = true; progress up to the last "
+                "checkpoint is kept"
+            ) from exc
         finally:
             self.metrics.close()
 
@@ -467,6 +532,7 @@ class PhaseTrainer:
         t_phase = time.perf_counter()
         while step < total:
             self.current_step = step
+            self.watchdog.beat()  # evaluation and checkpointing do not count as a stalled step
             if hooks.should_stop():
                 last_ckpt = str(self._save(step, tokens, final=False))
                 hooks.log(f"[{phase.name}] stopped at step {step}; checkpoint {last_ckpt}")
@@ -522,6 +588,7 @@ class PhaseTrainer:
             step += 1
             tokens += phase.tokens_per_step
             bar.update(1)
+            self.watchdog.beat()
 
             if step % cfg.train.log_every == 0 or step == total:
                 synchronize(self.device)

@@ -5,6 +5,7 @@ checkpoints, metrics and the report. Only one process may drive a run directory 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -15,6 +16,7 @@ from typing import Any
 
 from deeplm.atomic import atomic_write_text
 from deeplm.config import RunConfig, config_from_json, config_to_json
+from deeplm.train.checkpoint import DiskFullError
 from deeplm.workflows.activities import RunContext, StageStopped, pipeline_stages, run_stage
 from deeplm.workflows.integrity import reconcile
 from deeplm.workflows.state_db import StateDB
@@ -114,6 +116,15 @@ def run_local(
                     log(f"stopped: {exc}. Run the same command again to resume.")
                     summary["status"] = "paused"
                     return summary
+                except OSError as exc:
+                    db.set_run_status("failed")
+                    if exc.errno == errno.ENOSPC:
+                        raise DiskFullError(
+                            f"no space left on the device during stage {spec.name} of {run_dir}; "
+                            "everything committed before is intact and the stage resumes from "
+                            "its cursor: free some space and run the same command again"
+                        ) from exc
+                    raise
                 except Exception:
                     db.set_run_status("failed")
                     raise
