@@ -348,14 +348,146 @@ def compare_runs(ref: Path, victim: Path, phases: list[str]) -> list[str]:
     return problems
 
 
+# ---------------------------------------------------------------------------- through Temporal
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TemporalVictim:
+    """A real dev server, a worker process and a workflow for the victim run; any of the
+    server and the worker can be SIGKILLed and restarted."""
+
+    def __init__(self, workdir: Path, config: Path, run_dir: Path, logdir: Path):
+        sys.path.insert(0, str(ROOT / "src"))
+        from deeplm.workflows.temporal_server import free_port
+
+        self.state_dir = workdir / "temporal"
+        self.config, self.run_dir, self.logdir = config, run_dir, logdir
+        self.address = f"127.0.0.1:{free_port()}"
+        self.env = dict(
+            _env(),
+            DEEPLM_TEMPORAL_ADDRESS=self.address,
+            DEEPLM_TEMPORAL_TASK_QUEUE="fi",
+            DEEPLM_TEMPORAL_HEARTBEAT_TIMEOUT="5",
+        )
+        self.server: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+        self.n_workers = 0
+
+    def start_server(self) -> None:
+        from deeplm.workflows.temporal_server import start_dev_server
+
+        _, self.server = start_dev_server(self.state_dir, self.address, ui=False, detach=False)
+
+    def start_worker(self) -> None:
+        self.n_workers += 1
+        log = self.logdir / f"worker-{self.n_workers:03d}.log"
+        with open(log, "wb") as fh:
+            self.worker = subprocess.Popen(
+                [sys.executable, str(ROOT / "scripts" / "temporal_worker.py")],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 120
+        while "deeplm worker ready" not in log.read_text(errors="replace"):
+            if self.worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start; see {log}")
+            time.sleep(0.1)
+
+    def client(self, *extra: str, timeout: float = 600) -> int:
+        cmd = [sys.executable, str(ROOT / "scripts" / "start_training.py"), "start"]
+        cmd += ["--config", str(self.config), "--run-dir", str(self.run_dir), *extra]
+        with open(self.logdir / "client.log", "ab") as fh:
+            return subprocess.call(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env, timeout=timeout
+            )
+
+    def kill(self, what: str) -> None:
+        proc = self.worker if what == "worker" else self.server
+        if proc is not None and proc.poll() is None:
+            if what == "worker":
+                os.killpg(proc.pid, signal.SIGKILL)  # the worker and anything it started
+            else:
+                proc.kill()
+            proc.wait()
+        if what == "worker":
+            self.start_worker()
+        else:
+            self.start_server()
+
+    def close(self) -> None:
+        for proc in (self.worker, self.server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def victim_run_temporal(
+    config: Path,
+    run_dir: Path,
+    durations: dict[str, float],
+    kills: int,
+    rng: random.Random,
+    workdir: Path,
+    logdir: Path,
+    timeout_s: float = 900.0,
+    say=print,
+) -> VictimResult:
+    """Kill the worker (two times in three) or the server at the scheduled moments; each is
+    restarted at once; then a client attaches and follows the workflow to the end."""
+    res = VictimResult(attempts=1)
+    tv = TemporalVictim(workdir, config, run_dir, logdir)
+    db_path = run_dir / "state.db"
+    deadline = time.monotonic() + timeout_s
+    try:
+        tv.start_server()
+        tv.start_worker()
+        if tv.client("--detach") != 0:
+            res.errors.append("could not start the workflow (see client.log)")
+            return res
+        for i, (target, frac) in enumerate(kill_schedule(kills, rng)):
+            what = "server" if i % 3 == 2 else "worker"
+            fire_at = None
+            while time.monotonic() < deadline:
+                cur = running_stage(db_path)
+                if (
+                    fire_at is None
+                    and cur is not None
+                    and (STAGES_ORDER.index(cur) >= STAGES_ORDER.index(target))
+                ):
+                    fire_at = time.monotonic() + frac * durations[cur]
+                if fire_at is not None and time.monotonic() >= fire_at:
+                    break
+                if stage_rows(db_path).get("evaluate", ("",))[0] == "done":
+                    break
+                time.sleep(0.005)
+            stage = running_stage(db_path) or "between stages"
+            tv.kill(what)
+            res.kills.append(KillRecord(f"{what}@{target}", stage, frac, restart_rc=0))
+            say(f"kill {len(res.kills):3d}: {what:<6} target {target:<20} hit {stage}")
+        rc = tv.client(timeout=max(60.0, deadline - time.monotonic()))
+        res.final_rc = rc
+        if rc != 0:
+            res.errors.append(f"following the workflow to the end exited {rc} (see client.log)")
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        res.errors.append(str(exc))
+    finally:
+        tv.close()
+    return res
+
+
 # ---------------------------------------------------------------------------- main
 
 
-def run(kills: int, seed: int, workdir: Path, say=print) -> tuple[int, list[str], VictimResult]:
+def run(
+    kills: int, seed: int, workdir: Path, say=print, orchestrator: str = "local"
+) -> tuple[int, list[str], VictimResult]:
     """Run the whole experiment; returns (kills survived, problems, victim result)."""
     workdir.mkdir(parents=True, exist_ok=True)
     ref, victim = workdir / "reference", workdir / "victim"
-    for d in (ref, victim):
+    for d in (ref, victim, workdir / "temporal"):
         if d.exists():
             import shutil
 
@@ -373,7 +505,10 @@ def run(kills: int, seed: int, workdir: Path, say=print) -> tuple[int, list[str]
     )
     rng = random.Random(seed)
     t0 = time.perf_counter()
-    res = victim_run(config, victim, durations, kills, rng, logdir, say=say)
+    if orchestrator == "temporal":
+        res = victim_run_temporal(config, victim, durations, kills, rng, workdir, logdir, say=say)
+    else:
+        res = victim_run(config, victim, durations, kills, rng, logdir, say=say)
     say(f"victim run: {res.attempts} starts, {time.perf_counter() - t0:.1f}s")
     problems = list(res.errors)
     if res.final_rc == 0:
@@ -393,8 +528,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/deeplm-fault-injection"))
+    ap.add_argument(
+        "--orchestrator",
+        choices=["local", "temporal"],
+        default="local",
+        help="temporal: kill the worker and the Temporal server instead of `deeplm run`",
+    )
     args = ap.parse_args(argv)
-    survived, problems, _ = run(args.kills, args.seed, args.workdir)
+    survived, problems, _ = run(args.kills, args.seed, args.workdir, orchestrator=args.orchestrator)
     print(f"{survived}/{args.kills} kills survived", flush=True)
     return 0 if survived == args.kills and not problems else 1
 

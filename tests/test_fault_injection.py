@@ -135,3 +135,15 @@ def test_truncated_shard_at_train_start_is_rebuilt(injected, tmp_path):
         db.close()
     assert val.read_bytes() == original
     assert Path(f"{shard_prefix(run_dir, 'vocabulary', 'val')}.bin.corrupt").is_file()
+
+
+def test_killed_worker_and_server_are_survived_through_temporal(tmp_path):
+    """The same harness through Temporal: a real dev server and worker, the worker SIGKILLed
+    twice and the server once, each restarted; the final artifacts equal the reference run's."""
+    lines: list[str] = []
+    survived, problems, res = fi.run(
+        3, seed=2, workdir=tmp_path / "fi", say=lines.append, orchestrator="temporal"
+    )
+    assert not problems, "\n".join(lines)
+    assert survived == 3 and res.final_rc == 0
+    assert [k.target.split("@")[0] for k in res.kills] == ["worker", "worker", "server"]
