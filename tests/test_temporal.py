@@ -280,6 +280,16 @@ def test_pipeline_through_temporal_equals_local(env, local_reference):
     r = env.cli("start", "--config", str(cfg), "--run-dir", str(run_dir))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "prepare skipped" in r.stdout and "train:vocabulary skipped" in r.stdout
+    # A done shard altered on disk is found on start, moved aside and rebuilt identically.
+    shard = run_dir / "shards" / "vocabulary" / "val.bin"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = env.cli("start", "--config", str(cfg), "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[integrity]" in r.stdout and "val.bin" in r.stdout, r.stdout
+    assert "train:grammar skipped" in r.stdout and "train:vocabulary skipped" not in r.stdout
+    assert _comparable(run_dir) == _comparable(local_reference)
 
 
 def test_killed_worker_resumes_from_last_checkpoint(env, local_reference):

@@ -554,9 +554,15 @@ async def cmd_start(args: argparse.Namespace, cfg: RunConfig | None = None) -> i
     server = await ensure_server(address, run_dir / SERVER_DIR)
     client = await connect(address, namespace)
 
+    from deeplm.workflows.integrity import reconcile
     from deeplm.workflows.local import open_run
 
-    open_run(run_dir, cfg).close()  # a clear error now for a config that does not match
+    db = open_run(run_dir, cfg)  # a clear error now for a config that does not match
+    try:  # as `deeplm run` does: a done stage whose outputs are missing or altered is redone
+        for line in reconcile(db, cfg):
+            print(f"[integrity] {line}", flush=True)
+    finally:
+        db.close()
     worker = None
     try:
         if getattr(args, "with_worker", False):
