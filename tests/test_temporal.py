@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from bench import fault_injection
 from deeplm.config import config_from_dict
 from deeplm.train import checkpoint as ckpt
 from deeplm.workflows.local import run_local, status
@@ -50,42 +51,8 @@ def one_phase_config(name: str, steps: int = 40) -> dict:
     return d
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"no TOML for {v!r}")
-
-
 def write_toml(d: dict, path: Path) -> Path:
-    """The config dicts above as TOML (scalars, tables, arrays of tables two levels deep)."""
-    lines: list[str] = []
-    tables = {k: v for k, v in d.items() if isinstance(v, dict)}
-    arrays = {k: v for k, v in d.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
-    for k, v in d.items():
-        if k not in tables and k not in arrays:
-            lines.append(f"{k} = {_toml_value(v)}")
-    for k, t in tables.items():
-        lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in t.items()]
-    for k, items in arrays.items():
-        for item in items:
-            lines += ["", f"[[{k}]]"]
-            subs = {
-                kk: vv
-                for kk, vv in item.items()
-                if isinstance(vv, list) and vv and isinstance(vv[0], dict)
-            }
-            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in item.items() if kk not in subs]
-            for kk, sub_items in subs.items():
-                for sub in sub_items:
-                    lines += ["", f"[[{k}.{kk}]]"]
-                    lines += [f"{a} = {_toml_value(b)}" for a, b in sub.items()]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(fault_injection.to_toml(d), encoding="utf-8")
     return path
 
 
