@@ -373,24 +373,17 @@ class DistributedPhaseTrainer(PhaseTrainer):
     def _setup(self, existing: ckpt.Checkpoint | None) -> tuple[int, int]:
         self._micro = 0
         self._wrapped = None
-        if self.parallel != "fsdp2" or self.env.world_size == 1:
-            return super()._setup(existing)
-        from deeplm.train.optim import build_optimizer
+        return super()._setup(existing)
 
-        self._load_model(existing)
-        self.model.to(self.device)
-        self.model.train()
-        self._shard()
-        self.optimizer = build_optimizer(self.model, self.phase, self.device)
-        self.first_val_loss = None
-        self.best_val = None
-        self.evals_since_best = 0
-        if existing is None:
-            self.loader = self._make_loader(self.phase.context_at(0), 0)
-            return 0, 0
-        state = ckpt.load_trainer_state(existing.path)
-        state = dict(state, optimizer=self._fqn_optimizer_state(state["optimizer"]))
-        return self._restore(state)
+    def _fsdp(self) -> bool:
+        return self.parallel == "fsdp2" and self.env.world_size > 1
+
+    def _prepare_model(self) -> None:
+        if self._fsdp():
+            self._shard()
+
+    def _optimizer_state(self, saved: dict[str, Any]) -> dict[str, Any]:
+        return self._fqn_optimizer_state(saved) if self._fsdp() else saved
 
     def _compiled(self) -> nn.Module:
         super()._compiled()
@@ -496,7 +489,7 @@ class DistributedPhaseTrainer(PhaseTrainer):
         return {"state": {index[n]: v for n, v in osd["state"].items()}, "param_groups": groups}
 
     def _restore(self, state: dict[str, Any]) -> tuple[int, int]:
-        if self.parallel != "fsdp2" or self.env.world_size == 1:
+        if not self._fsdp():
             return super()._restore(state)
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,

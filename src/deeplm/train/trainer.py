@@ -345,6 +345,7 @@ class PhaseTrainer:
         self._load_model(existing)
         self.model.to(self.device)
         self.model.train()
+        self._prepare_model()
         # The optimizer always sees every trainable parameter (freezing only drops gradients),
         # so its state lines up with a checkpoint whatever was frozen when it was written.
         self.optimizer = build_optimizer(self.model, self.phase, self.device)
@@ -355,7 +356,14 @@ class PhaseTrainer:
             self.loader = self._make_loader(self.phase.context_at(0), 0)
             return 0, 0
         state = ckpt.load_trainer_state(existing.path)
-        return self._restore(state)
+        return self._restore(dict(state, optimizer=self._optimizer_state(state["optimizer"])))
+
+    def _prepare_model(self) -> None:
+        """Hook between loading the weights and building the optimizer (e.g. FSDP sharding)."""
+
+    def _optimizer_state(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """Hook: a checkpoint's optimizer state as this trainer's optimizer expects it."""
+        return saved
 
     # ------------------------------------------------------------------ main
 
