@@ -235,6 +235,7 @@ def _rank_main(cfg, args: argparse.Namespace) -> int:
     from deeplm.train.distributed import init_distributed, teardown
 
     env, device = init_distributed(args.device)
+    finished = False
     try:
         r = bench_one(cfg, device, **json.loads(args.one), ddp=True)
         slowest = torch.tensor([r["tokens_per_s"]], dtype=torch.float64, device=device)
@@ -245,8 +246,9 @@ def _rank_main(cfg, args: argparse.Namespace) -> int:
             total = float(slowest.item()) * world
             out = {"world_size": world, "tokens_per_s_per_process": total / world}
             print(json.dumps(out | {"total_tokens_per_s": total}))
+        finished = True
     finally:
-        teardown()
+        teardown(finished)
     return 0
 
 

@@ -64,6 +64,7 @@ from deeplm.train.trainer import (
     PhaseOutcome,
     PhaseTrainer,
     TrainHooks,
+    phase_dir,
 )
 
 # Lines the rank-0 worker prints for the launching process (progress, events): prefix + JSON.
@@ -138,9 +139,17 @@ def init_distributed(device_pref: str = "auto") -> tuple[DistEnv, torch.device]:
     return env, device
 
 
-def teardown() -> None:
-    """Leave the process group (no-op without one)."""
+def teardown(finished: bool = True) -> None:
+    """Leave the process group (no-op without one).
+
+    ``finished``: every rank got here after the same last collective, so they meet at a barrier
+    first and none closes its connections while a peer still uses them (gloo aborts the peer,
+    "Connection closed by peer", when that happens). After a failure there is no barrier: the
+    peers may be gone, and torchrun stops the job anyway.
+    """
     if dist.is_available() and dist.is_initialized():
+        if finished and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -634,7 +643,7 @@ def launch_phase(
                 event = parse_event(line)
                 if event is None:
                     hooks.log(line.rstrip("\n"))
-                    tail = (tail + [line.rstrip("\n")])[-20:]
+                    tail = (tail + [line.rstrip("\n")])[-200:]
                 elif event.pop("kind") == "progress":
                     hooks.on_progress(event)
                 else:
@@ -656,13 +665,40 @@ def launch_phase(
     reader.join(timeout=5)
     result_path = folder / RESULT_FILE
     result = json.loads(result_path.read_text()) if result_path.is_file() else None
-    if rc != 0 or result is None or result.get("status") == "failed":
-        why = (result or {}).get("error") or "\n".join(tail[-10:])
+    if result is None or result.get("status") == "failed":
+        why = (result or {}).get("error") or "\n".join(crash_lines(tail))
         raise DistributedRunError(
             f"[{phase.name}] torchrun exited with status {rc}; resume restarts from the last "
             f"checkpoint. {why}"
         )
-    return PhaseOutcome(**result)
+    outcome = PhaseOutcome(**result)
+    if rc != 0:
+        # Rank 0 writes the result only after the last barrier of the phase, so every rank had
+        # finished its work: a rank that died later (while leaving the process group) lost
+        # nothing. Accept the outcome when its checkpoint is complete on disk.
+        named = outcome.final_checkpoint or outcome.last_checkpoint
+        latest = ckpt.latest_checkpoint(phase_dir(run_dir, phase_idx, phase))
+        if named is None or latest is None or latest.path.resolve() != Path(named).resolve():
+            raise DistributedRunError(
+                f"[{phase.name}] torchrun exited with status {rc} and the checkpoint the phase "
+                f"reported ({named}) is not the newest complete one; resume restarts from the "
+                f"last checkpoint. " + "\n".join(crash_lines(tail))
+            )
+        hooks.log(
+            f"[{phase.name}] warning: torchrun exited with status {rc} after the phase had "
+            f"{outcome.status} with a complete checkpoint ({named}); a rank failed while shutting "
+            "down, nothing was lost:\n" + "\n".join(crash_lines(tail))
+        )
+    return outcome
+
+
+def crash_lines(tail: list[str], keep: int = 12) -> list[str]:
+    """What to quote from the end of a failed job's output: the lines naming the cause (a C++
+    ``terminate``/``what()``, a Python exception) first, then the last lines."""
+    markers = ("terminate called", "what():", "Error", "Exception", "Traceback", "Signal ")
+    causes = [line for line in tail if any(m in line for m in markers)]
+    last = [line for line in tail[-keep:] if line not in causes]
+    return causes[-keep:] + last
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

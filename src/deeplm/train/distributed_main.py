@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         resolved.write_text(config_to_json(cfg), encoding="utf-8")
         return follow(run_dir, cfg, resolved)
     sigterm = install_sigterm_stop()
+    finished = False
     env, _device = init_distributed(cfg.train.device)
     try:
         if args.phase == "next":
@@ -162,12 +163,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if env.is_main:
             atomic_write_json(folder / RESULT_FILE, dataclasses.asdict(outcome))
+        finished = True
         return 0
     except Exception:
         traceback.print_exc()
         return 1
     finally:
-        teardown()
+        teardown(finished)
 
 
 if __name__ == "__main__":
