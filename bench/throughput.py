@@ -1,43 +1,74 @@
 #!/usr/bin/env python
-"""Training-throughput benchmark on synthetic tokens: tokens/s, MFU (when the device peak is
-known), peak memory, for a preset's model at several precisions and with/without torch.compile.
+"""Training-throughput benchmark: tokens/s, MFU, peak memory and compile time of a preset's model,
+over a grid of context lengths, precisions, compile on/off, frozen layers, gradient checkpointing,
+loss heads and data (synthetic tokens or a run's real shards).
 
     python bench/throughput.py --preset tiny --batch 16 --seq-len 256 --steps 10
-    python bench/throughput.py --preset 60m --precision fp32 bf16 --compile off on
-    python bench/throughput.py --preset 60m --batch 4 --seq-len 512 --frozen 0 20 40
+    python bench/throughput.py --preset 60m --batch 64 --seq-len 128 256 512 \\
+        --precision bf16 --compile on --baseline --gemm-peak --save
+    python bench/throughput.py --preset 60m --batch 16 --seq-len 512 --precision bf16 \\
+        --grad-checkpointing off on --steps 2          # the laptop memory figure
+    python bench/throughput.py --preset 60m --data synthetic shards \\
+        --shards RUN/shards/grammar/train
 
-Each configuration runs in its own process, so the peak memory figure (CUDA: max allocated;
-CPU: peak resident set size of that process) belongs to that configuration alone.
-
-Prints one line per configuration and, with ``--json FILE``, writes the results.
+Each configuration runs in its own process, so its peak memory (CUDA: max allocated; MPS: see
+``deeplm.train.device.peak_memory_bytes``; CPU: peak resident set size) is its own. MFU counts
+``6*N + 12*L*d*T`` FLOPs per token against the datasheet peak (CUDA) and, with ``--gemm-peak``,
+against a bf16/fp32 GEMM peak measured in the same run (any device). ``--baseline`` also runs
+the plain eager model (fp32 and bf16, logits head) at each context length and prints each
+configuration's speed-up over it. ``--save`` writes ``bench/results/<device>.json``; ``--json F``
+writes elsewhere.
 
 Data parallel: ``--world-size N`` also runs every configuration in N processes under torchrun
 (DDP, one GPU each; gloo on CPU), each with the same per-process batch, and prints tokens/s per
-process, the total, and the scaling efficiency ``total / (N * one-process tokens/s)``:
-
-    python bench/throughput.py --preset 60m --precision bf16 --batch 64 --seq-len 512 \
-        --world-size 8
+process, the total, and the scaling efficiency ``total / (N * one-process tokens/s)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
+import re
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from deeplm.config import load_config
-from deeplm.model import Transformer, describe, flops_per_token
+from deeplm.model import Transformer, count_parameters, describe, flops_per_token
 from deeplm.train.device import (
     autocast_context,
     peak_flops,
     peak_memory_bytes,
+    reset_peak_memory,
     select_device,
     synchronize,
 )
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _batches(data: str, shards: str | None, vocab: int, batch: int, seq_len: int, device):
+    """An endless supply of (inputs, targets) on ``device``: random tokens, or packed windows
+    of a real shard (read, copied and moved every step, as training does)."""
+    if data == "synthetic":
+        x = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
+        while True:
+            yield x[:, :-1], x[:, 1:]
+    from deeplm.data.loader import PackedBatches
+    from deeplm.data.shards import Shard
+
+    if not shards:
+        raise SystemExit("--data shards needs --shards PREFIX (e.g. RUN/shards/grammar/train)")
+    shard = Shard.open(shards)
+    loader = PackedBatches(shard, seq_len, batch, seed=0, pin_memory=device.type == "cuda")
+    while True:
+        x, y = loader.next_batch()
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 def bench_one(
@@ -50,11 +81,17 @@ def bench_one(
     steps: int,
     warmup: int,
     frozen: int = 0,
+    grad_ckpt: bool = False,
+    head: str = "chunked",
+    data: str = "synthetic",
+    shards: str | None = None,
+    compile_scope: str = "block",
     ddp: bool = False,
 ) -> dict:
+    """Time ``steps`` optimizer steps of one configuration (after ``warmup`` steps)."""
     torch.manual_seed(0)
     model = Transformer(cfg.model).to(device)
-    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    model.set_grad_checkpointing(grad_ckpt)
     model.set_frozen_layers(frozen)
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -62,19 +99,23 @@ def bench_one(
         **({"fused": True} if device.type == "cuda" else {"foreach": True}),
     )
     dtype = torch.bfloat16 if precision == "bf16" else None
-    fwd = torch.compile(model) if compile_ else model
+    fwd: torch.nn.Module = model
+    if compile_ and compile_scope == "block":  # as the trainer does: 60 blocks, one graph
+        for block in model.blocks:
+            block.compile(dynamic=False)
+    elif compile_:
+        fwd = torch.compile(model)
     if ddp:  # under torchrun: gradients all-reduced every step, as in training
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
-    x = torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1), device=device)
-    inp, tgt = x[:, :-1], x[:, 1:]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    batches = _batches(data, shards, cfg.model.vocab_size, batch, seq_len, device)
+    reset_peak_memory(device)
 
     def step() -> torch.Tensor:
+        inp, tgt = next(batches)
         with autocast_context(device, dtype):
-            _, loss = fwd(inp, tgt)
+            _, loss = fwd(inp, tgt, return_logits=head == "logits")
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -95,30 +136,69 @@ def bench_one(
     tok_s = batch * seq_len * steps / dt
     peak = peak_flops(device, dtype)
     mem = peak_memory_bytes(device)
-    if mem is None and device.type == "cpu":
-        mem = _peak_rss_bytes()
+    step_s = dt / steps
     return {
         "precision": precision,
         "compile": compile_,
+        "compile_scope": compile_scope if compile_ else None,
         "frozen": frozen,
+        "grad_checkpointing": grad_ckpt,
+        "head": head,
+        "data": data,
         "batch": batch,
         "seq_len": seq_len,
         "tokens_per_s": tok_s,
-        "step_ms": 1000 * dt / steps,
+        "step_ms": 1000 * step_s,
         "first_step_s": first_step_s,
+        # the first step's time beyond an ordinary step: compilation (and allocator warm-up)
+        "compile_s": max(0.0, first_step_s - step_s) if compile_ else None,
+        "flops_per_token": flops_per_token(cfg.model, seq_len),
         "mfu": tok_s * flops_per_token(cfg.model, seq_len) / peak if peak else None,
         "peak_memory_gb": mem / 2**30 if mem else None,
         "loss": float(loss.item()),
     }
 
 
-def _peak_rss_bytes() -> int | None:
+def gemm_peaks(device, dtype: torch.dtype, shapes: list[tuple[int, int, int]]) -> dict:
+    """Measured FLOP/s of ``[m, k] @ [k, n]`` GEMMs in ``dtype`` (best of a few repeats)."""
+    out = {}
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        synchronize(device)
+        best = float("inf")
+        reps = 10 if device.type == "cuda" else 3
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            synchronize(device)
+            best = min(best, (time.perf_counter() - t0) / reps)
+        out[f"{m}x{k}x{n}"] = 2 * m * k * n / best
+    return out
+
+
+def device_slug(device) -> str:
+    """A file name for ``bench/results/``: the GPU model, or ``cpu-<processor>``."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    elif device.type == "mps":
+        name = f"mps-{platform.machine()}"
+    else:
+        name = f"cpu-{_cpu_name()}"
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def _cpu_name() -> str:
     try:
-        import resource
-    except ImportError:  # not on Windows
-        return None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux KiB
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,10 +209,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, nargs="+", default=[256])
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
+    ap.add_argument(
+        "--compile-scope",
+        default="block",
+        choices=["block", "model"],
+        help="compile each block (as training does) or the whole model",
+    )
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument(
+        "--grad-checkpointing",
+        nargs="*",
+        default=["off"],
+        choices=["off", "on"],
+        help="per-block activation checkpointing: off, on, or both (bare flag: on)",
+    )
     ap.add_argument(
         "--frozen",
         type=int,
@@ -140,7 +232,23 @@ def main(argv: list[str] | None = None) -> int:
         default=[0],
         help="numbers of bottom layers frozen (e.g. 0 20 40)",
     )
+    ap.add_argument(
+        "--head",
+        nargs="+",
+        default=["chunked"],
+        choices=["chunked", "logits"],
+        help="loss through the chunked fused head (training's) or full float32 logits",
+    )
+    ap.add_argument("--data", nargs="+", default=["synthetic"], choices=["synthetic", "shards"])
+    ap.add_argument("--shards", help="shard prefix for --data shards (RUN/shards/PHASE/train)")
+    ap.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also time the plain eager model (fp32 and bf16, logits head) and print speed-ups",
+    )
+    ap.add_argument("--gemm-peak", action="store_true", help="measure GEMM peaks for MFU")
     ap.add_argument("--json", help="write results to this file")
+    ap.add_argument("--save", action="store_true", help="write bench/results/<device>.json")
     ap.add_argument(
         "--world-size",
         type=int,
@@ -149,82 +257,149 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration
     args = ap.parse_args(argv)
+    if args.grad_checkpointing == []:
+        args.grad_checkpointing = ["on"]
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(preset=args.preset)
-    cfg.model.grad_checkpointing = args.grad_checkpointing
     if args.one and args.world_size > 1:  # a rank of the data-parallel run
         return _rank_main(cfg, args)
     device = select_device(args.device)
     if args.one:  # child process: one configuration, result as JSON on the last line
-        spec = json.loads(args.one)
-        print(json.dumps(bench_one(cfg, device, **spec)))
+        print(json.dumps(bench_one(cfg, device, **json.loads(args.one))))
         return 0
     print(
         f"{args.preset}: {describe(cfg.model)} on {device} "
         f"({torch.get_num_threads()} threads, torch {torch.__version__})",
         flush=True,
     )
+    report: dict = {
+        "preset": args.preset,
+        "parameters": count_parameters(cfg.model),
+        "device": str(device),
+        "device_name": device_slug(device),
+        "machine": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "command": "python bench/throughput.py " + " ".join(argv or sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    measured_peak = _measure_gemm_peaks(cfg, device, args, report) if args.gemm_peak else {}
+    baselines: dict[tuple[int, str], dict] = {}
+    if args.baseline:
+        report["baseline"] = []
+        for seq_len, precision in itertools.product(args.seq_len, ["fp32", "bf16"]):
+            spec = _spec(args, seq_len, precision, False, 0, False, "logits", "synthetic")
+            r = _run_child(argv_base(args), spec)
+            baselines[(seq_len, precision)] = r
+            report["baseline"].append(r)
+            _print_result("baseline eager ", r, measured_peak)
     results = []
-    for seq_len in args.seq_len:
-        for precision in args.precision:
-            for comp in args.compile:
-                for frozen in args.frozen:
-                    spec = {
-                        "precision": precision,
-                        "compile_": comp == "on",
-                        "batch": args.batch,
-                        "seq_len": seq_len,
-                        "steps": args.steps,
-                        "warmup": args.warmup,
-                        "frozen": frozen,
-                    }
-                    r = _run_child(argv_base(args), spec)
-                    results.append(r)
-                    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
-                    mem = f"{r['peak_memory_gb']:.2f} GB" if r["peak_memory_gb"] else "n/a"
-                    print(
-                        f"  T={seq_len:<4} {precision:<4} compile={comp:<3} frozen={frozen:<3}"
-                        f"{r['tokens_per_s']:>10,.0f} tok/s  {r['step_ms']:8.1f} ms/step  "
-                        f"first step {r['first_step_s']:6.1f}s  MFU {mfu}  peak mem {mem}",
-                        flush=True,
-                    )
-                    if args.world_size > 1:
-                        d = _run_ranks(argv_base(args), spec, args.world_size)
-                        d["scaling_efficiency"] = d["total_tokens_per_s"] / (
-                            args.world_size * r["tokens_per_s"]
-                        )
-                        r["data_parallel"] = d
-                        print(
-                            f"    x{args.world_size} processes (DDP): "
-                            f"{d['tokens_per_s_per_process']:>10,.0f} tok/s per process, "
-                            f"{d['total_tokens_per_s']:>12,.0f} tok/s total, "
-                            f"scaling efficiency {100 * d['scaling_efficiency']:.1f}%",
-                            flush=True,
-                        )
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(
-                {
-                    "preset": args.preset,
-                    "device": str(device),
-                    "machine": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(),
-                    "torch": torch.__version__,
-                    "results": results,
-                },
-                fh,
-                indent=2,
+    grid = itertools.product(
+        args.seq_len,
+        args.precision,
+        args.compile,
+        args.frozen,
+        args.grad_checkpointing,
+        args.head,
+        args.data,
+    )
+    for seq_len, precision, comp, frozen, ckpt_, head, data in grid:
+        spec = _spec(args, seq_len, precision, comp == "on", frozen, ckpt_ == "on", head, data)
+        r = _run_child(argv_base(args), spec)
+        for base_precision in ("fp32", "bf16"):
+            base = baselines.get((seq_len, base_precision))
+            if base:
+                r[f"speedup_vs_eager_{base_precision}"] = r["tokens_per_s"] / base["tokens_per_s"]
+        results.append(r)
+        _print_result("", r, measured_peak)
+        if args.world_size > 1:
+            d = _run_ranks(argv_base(args), spec, args.world_size)
+            d["scaling_efficiency"] = d["total_tokens_per_s"] / (
+                args.world_size * r["tokens_per_s"]
             )
+            r["data_parallel"] = d
+            print(
+                f"    x{args.world_size} processes (DDP): "
+                f"{d['tokens_per_s_per_process']:>10,.0f} tok/s per process, "
+                f"{d['total_tokens_per_s']:>12,.0f} tok/s total, "
+                f"scaling efficiency {100 * d['scaling_efficiency']:.1f}%",
+                flush=True,
+            )
+    report["results"] = results
+    out = args.json or (str(RESULTS / f"{report['device_name']}.json") if args.save else None)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(out).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(out)
+        print(f"results: {out}")
     return 0
+
+
+def _spec(args, seq_len, precision, compile_, frozen, grad_ckpt, head, data) -> dict:
+    return {
+        "precision": precision,
+        "compile_": compile_,
+        "compile_scope": args.compile_scope,
+        "batch": args.batch,
+        "seq_len": seq_len,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "frozen": frozen,
+        "grad_ckpt": grad_ckpt,
+        "head": head,
+        "data": data,
+        "shards": args.shards,
+    }
+
+
+def _measure_gemm_peaks(cfg, device, args, report: dict) -> dict[str, float]:
+    """GEMM FLOP/s in each benchmarked precision: a large square GEMM and this model's own
+    projection shapes at the benchmark's batch; MFU is also reported against the square one."""
+    big = 8192 if device.type == "cuda" else 2048
+    rows = args.batch * max(args.seq_len)
+    d, h = cfg.model.d_model, int(cfg.model.d_model * cfg.model.mlp_ratio)
+    shapes = [(big, big, big), (rows, d, 3 * d), (rows, d, h), (rows, d, cfg.model.vocab_size)]
+    peaks: dict[str, float] = {}
+    report["gemm_flops"] = {}
+    for precision in args.precision:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        g = gemm_peaks(device, dtype, shapes)
+        report["gemm_flops"][precision] = g
+        peaks[precision] = g[f"{big}x{big}x{big}"]
+        shown = ", ".join(f"{k}: {v / 1e12:.2f} TF/s" for k, v in g.items())
+        print(f"  GEMM {precision}: {shown}", flush=True)
+    return peaks
+
+
+def _print_result(label: str, r: dict, measured_peak: dict[str, float]) -> None:
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+    gemm = measured_peak.get(r["precision"])
+    if gemm:
+        r["mfu_vs_measured_gemm"] = r["tokens_per_s"] * r["flops_per_token"] / gemm
+        mfu += f" ({100 * r['mfu_vs_measured_gemm']:.1f}% of measured GEMM)"
+    mem = f"{r['peak_memory_gb']:.2f} GB" if r["peak_memory_gb"] else "n/a"
+    speed = "".join(
+        f"  x{r[k]:.2f} vs eager {k[-4:]}"
+        for k in ("speedup_vs_eager_fp32", "speedup_vs_eager_bf16")
+        if k in r
+    )
+    comp = "on" if r["compile"] else "off"
+    print(
+        f"  {label}T={r['seq_len']:<4} {r['precision']:<4} compile={comp:<3} "
+        f"frozen={r['frozen']:<3} ckpt={'on' if r['grad_checkpointing'] else 'off':<3} "
+        f"head={r['head']:<7} {r['data']:<9}"
+        f"{r['tokens_per_s']:>10,.0f} tok/s {r['step_ms']:8.1f} ms/step  "
+        f"first step {r['first_step_s']:6.1f}s  MFU {mfu}  peak mem {mem}{speed}",
+        flush=True,
+    )
 
 
 def argv_base(args: argparse.Namespace) -> list[str]:
     base = ["--preset", args.preset, "--device", args.device]
     if args.threads:
         base += ["--threads", str(args.threads)]
-    if args.grad_checkpointing:
-        base.append("--grad-checkpointing")
     return base
 
 
@@ -253,8 +428,6 @@ def _rank_main(cfg, args: argparse.Namespace) -> int:
 
 
 def _run_ranks(base: list[str], spec: dict, world: int) -> dict:
-    import subprocess
-
     from deeplm.train.distributed import free_port, launch_env
 
     cmd = [
@@ -279,8 +452,6 @@ def _run_ranks(base: list[str], spec: dict, world: int) -> dict:
 
 
 def _run_child(base: list[str], spec: dict) -> dict:
-    import subprocess
-
     out = subprocess.run(
         [sys.executable, __file__, *base, "--one", json.dumps(spec)], capture_output=True, text=True
     )

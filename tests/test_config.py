@@ -17,6 +17,37 @@ def test_presets_load_and_validate():
     assert tiny.model.n_layers <= 8 and len(tiny.phases) >= 2
 
 
+def test_wide_preset_extends_the_60m_playbook():
+    """``wide`` is the 60m playbook with a 12 x 512, MLP 4x model of about the same size."""
+    from deeplm.model import count_parameters
+
+    wide, big = load_config(preset="wide"), load_config(preset="60m")
+    assert (wide.model.n_layers, wide.model.d_model, wide.model.mlp_ratio) == (12, 512, 4.0)
+    assert count_parameters(wide.model) == 54_158_336
+    assert [p.name for p in wide.phases] == [p.name for p in big.phases]
+    assert [p.tokens for p in wide.phases] == [p.tokens for p in big.phases]
+    assert wide.phases[0].sources == big.phases[0].sources and wide.phases[0].lr == big.phases[0].lr
+    assert [f.layers for f in wide.phases[0].freeze] == [4, 8]
+
+
+def test_extends_merges_tables_and_phases_and_rejects_loops(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text(
+        'extends = "tiny"\nname = "mine"\n[model]\nn_layers = 5\n' "[[phases]]\nlr = 1e-3\n"
+    )
+    cfg, tiny = load_config(config_file=path), load_config(preset="tiny")
+    assert cfg.name == "mine" and cfg.model.n_layers == 5
+    assert cfg.model.d_model == tiny.model.d_model  # the rest of [model] comes from tiny
+    assert cfg.phases[0].lr == 1e-3 and cfg.phases[0].tokens == tiny.phases[0].tokens
+    assert len(cfg.phases) == len(tiny.phases)
+    path.write_text('extends = "nope"\n')
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config(config_file=path)
+    path.write_text("extends = 3\n")
+    with pytest.raises(ConfigError, match="extends must be a preset name"):
+        load_config(config_file=path)
+
+
 def test_unknown_preset_names_the_choices():
     with pytest.raises(ConfigError, match="unknown preset 'nope'.*tiny"):
         load_config(preset="nope")

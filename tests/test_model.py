@@ -217,6 +217,52 @@ def test_loss_weights_and_ignore_index() -> None:
     assert loss_none.item() == 0.0
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_chunked_head_matches_full_logits_loss_and_gradients(weighted: bool, bf16: bool) -> None:
+    """The training head (chunked, gradients computed in the forward pass) gives the loss and
+    gradients of the plain logits path: fp32 up to summation order; under bf16 autocast the
+    same bf16 GEMMs, its weight gradient summed in fp32 across chunks (closer than the
+    reference's own bf16 rounding)."""
+    from deeplm.model import fused_loss
+
+    torch.manual_seed(0)
+    model = Transformer(small_cfg(init_std=0.2))
+    idx = torch.randint(0, 64, (3, 20))
+    targets = torch.randint(0, 64, (3, 20))
+    targets[1, :5] = -100
+    weights = torch.rand(3, 20) * 2 if weighted else None
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    def run(return_logits: bool, scale: float = 1.0):
+        model.zero_grad(set_to_none=True)
+        with ctx:
+            first, loss = model(idx, targets, weights, return_logits=return_logits)
+        (scale * loss).backward()
+        return first, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    logits, ref_loss, ref_grads = run(True, 2.0)
+    old = fused_loss.CHUNK_ELEMENTS
+    fused_loss.CHUNK_ELEMENTS = 7 * 64  # 7 rows per chunk: 60 rows in 9 chunks, one partial
+    try:
+        unweighted, loss, grads = run(False, 2.0)
+    finally:
+        fused_loss.CHUNK_ELEMENTS = old
+    atol = 2e-2 if bf16 else 1e-5
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    plain = F.cross_entropy(logits.view(-1, 64), targets.view(-1), ignore_index=-100)
+    torch.testing.assert_close(unweighted, plain.detach(), atol=1e-5, rtol=1e-5)
+    assert not unweighted.requires_grad
+    if weighted:
+        assert abs(float(unweighted) - float(loss)) > 1e-3
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=atol, rtol=1e-2, msg=name)
+    # evaluation: no gradients kept, same loss
+    with torch.no_grad(), ctx:
+        _, loss_eval = model(idx, targets, weights, return_logits=False)
+    torch.testing.assert_close(loss_eval, ref_loss, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------- checkpointing, variants
 
 

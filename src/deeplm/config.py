@@ -548,6 +548,40 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
+def resolve_extends(data: dict[str, Any], path: Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config with ``extends = "PRESET"`` is that preset with this file's values on top:
+    tables merge key by key, arrays of tables (``[[phases]]``) element by element (extra
+    elements are appended), anything else replaces."""
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must be a preset name, got {parent!r}")
+    if parent in seen:
+        raise ConfigError(f"{path}: presets extend each other in a loop: {' -> '.join(seen)}")
+    base_path = preset_path(parent)
+    base = resolve_extends(read_toml(base_path), base_path, (*seen, parent))
+    return _merge(base, data)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        below = out.get(key)
+        if isinstance(value, dict) and isinstance(below, dict):
+            out[key] = _merge(below, value)
+        elif _tables(value) and _tables(below):
+            merged = [_merge(b, t) for b, t in zip(below, value)]
+            out[key] = merged + below[len(value) :] + value[len(below) :]
+        else:
+            out[key] = value
+    return out
+
+
+def _tables(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
 def load_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
@@ -566,7 +600,7 @@ def load_config(
     else:
         path = Path(config_file).expanduser().resolve()
         base_dir = path.parent
-    data = read_toml(path)
+    data = resolve_extends(read_toml(path), path)
     apply_overrides(data, list(overrides or []))
     data.setdefault("base_dir", str(base_dir))
     return config_from_dict(data, str(path))

@@ -34,9 +34,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from deeplm.config import ModelConfig
+from deeplm.model.fused_loss import IGNORE_INDEX, linear_cross_entropy
 from deeplm.model.rope import RotaryEmbedding, apply_rotary
-
-IGNORE_INDEX = -100
 
 
 def mlp_hidden_dim(cfg: ModelConfig) -> int:
@@ -267,8 +266,15 @@ class Transformer(nn.Module):
         idx: Tensor,
         targets: Tensor | None = None,
         loss_weights: Tensor | None = None,
+        return_logits: bool = True,
     ) -> tuple[Tensor, Tensor | None]:
-        """``idx`` ``[B, T]`` (T <= max_seq_len) -> (float32 logits ``[B, T, V]``, loss or None)."""
+        """``idx`` ``[B, T]`` (T <= max_seq_len) -> (float32 logits ``[B, T, V]``, loss or None).
+
+        ``return_logits=False`` (with ``targets``): the loss goes through
+        :func:`~deeplm.model.fused_loss.linear_cross_entropy`, chunked, without the full logits
+        tensor, and the first element is the detached *unweighted* loss instead of the logits
+        (equal to the loss without ``loss_weights``). Training uses this; it saves gigabytes.
+        """
         t = idx.size(1)
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -286,7 +292,12 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)
-        logits = self.lm_head(self.norm_f(x)).float()
+        x = self.norm_f(x)
+        head = self.lm_head
+        if targets is not None and not return_logits and head.bias is None:
+            loss, unweighted = linear_cross_entropy(x, head.weight, targets, loss_weights)
+            return unweighted, loss
+        logits = head(x).float()
         loss = None if targets is None else lm_loss(logits, targets, loss_weights)
         return logits, loss
 

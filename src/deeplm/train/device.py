@@ -4,6 +4,7 @@ synchronisation and memory reporting. CUDA -> MPS -> CPU by default, overridable
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 
 import torch
@@ -116,13 +117,44 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window where the backend keeps one (CUDA, MPS); the CPU figure
+    is the process's peak resident set size, which cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "mps":
+        with contextlib.suppress(RuntimeError, NotImplementedError, AttributeError):
+            torch.accelerator.reset_peak_memory_stats()
+
+
 def peak_memory_bytes(device: torch.device) -> int | None:
-    """Peak allocated memory since the last reset, where the backend reports it."""
+    """Peak memory of this process's training on ``device``.
+
+    CUDA: peak allocated since :func:`reset_peak_memory`. MPS: the same through
+    ``torch.accelerator`` where this PyTorch supports it there, else the Metal driver's current
+    allocation (``torch.mps.driver_allocated_memory``: a lower bound of the peak). CPU: the
+    process's peak resident set size (None where the OS does not report it).
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     if device.type == "mps":
-        return int(torch.mps.driver_allocated_memory())
+        try:
+            return int(torch.accelerator.max_memory_allocated())
+        except (RuntimeError, NotImplementedError, AttributeError):
+            return int(torch.mps.driver_allocated_memory())
+    if device.type == "cpu":
+        return peak_rss_bytes()
     return None
+
+
+def peak_rss_bytes() -> int | None:
+    """Peak resident set size of this process (None on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux KiB
 
 
 def set_threads(threads: int) -> None:

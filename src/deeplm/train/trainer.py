@@ -40,7 +40,6 @@ from deeplm.eval.perplexity import evaluate_loss, perplexity
 from deeplm.eval.samples import sample_texts
 from deeplm.model import Transformer, flops_per_token
 from deeplm.model.lora import apply_lora, merge_lora
-from deeplm.model.transformer import lm_loss
 from deeplm.tokenizer import Tokenizer
 from deeplm.train import checkpoint as ckpt
 from deeplm.train.device import (
@@ -462,13 +461,12 @@ class PhaseTrainer:
         )
 
     def _forward_loss(self, model, x, y) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss to optimise, unweighted loss) for one micro-batch."""
+        """(loss to optimise, unweighted loss) for one micro-batch, through the chunked head
+        (:mod:`deeplm.model.fused_loss`: no full logits tensor in memory)."""
+        weights = None if self.token_weight_table is None else self.token_weight_table[y]
         with autocast_context(self.device, self.dtype):
-            logits, _ = model(x)
-        unweighted = lm_loss(logits, y)
-        if self.token_weight_table is None:
-            return unweighted, unweighted
-        return lm_loss(logits, y, self.token_weight_table[y]), unweighted
+            unweighted, loss = model(x, y, weights, return_logits=False)
+        return loss, unweighted
 
     def _compiled(self) -> torch.nn.Module:
         """The model to train: with ``train.compile``, each block is compiled in place. The 60

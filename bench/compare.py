@@ -1,0 +1,230 @@
+#!/usr/bin/env python
+"""Quality per token: train several models or recipes on the same shards for the same token
+budget, then print one table of validation loss, grammar minimal-pair accuracy, tokens/s and
+wall time (docs/depth-vs-width.md).
+
+    deeplm prepare --preset 60m --run-dir runs/src          # tokenizer + shards, once
+    python bench/compare.py --data runs/src --phase grammar --tokens 40_000_000 \\
+        --candidate deep=60m --candidate wide=wide \\
+        --candidate "deep-lr1e-3=60m,phases.0.lr=1e-3" --out runs/compare
+
+A candidate is ``NAME=PRESET[,KEY=VALUE...]``: the preset's model and its first phase's recipe
+(optimizer, learning rate, schedule, curriculum, freezing, batch), with ``--set``-style overrides
+(keys as in ``deeplm run --set``; ``phases.0.*`` is the recipe). Every candidate reads the data
+run's tokenizer and the chosen phase's shards, trains for ``--tokens`` tokens (``--set`` keys given
+with ``--common`` apply to all), and is scored on the same validation windows at ``--eval-seq-len``
+and on the whole grammar suite. Each candidate trains in its own folder under ``--out`` and
+resumes there: run the same command again after an interruption and finished candidates are
+only re-scored. The table goes to the terminal and, with ``--save NAME``, to
+``bench/results/compare-NAME.json`` together with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from deeplm.atomic import atomic_write_json
+from deeplm.config import (
+    apply_overrides,
+    config_from_dict,
+    config_from_json,
+    preset_path,
+    read_toml,
+    resolve_extends,
+)
+from deeplm.data.shards import Shard
+from deeplm.eval.grammar import evaluate_grammar
+from deeplm.eval.perplexity import evaluate_loss
+from deeplm.model import count_parameters, describe
+from deeplm.tokenizer import Tokenizer
+from deeplm.train import checkpoint as ckpt
+from deeplm.train.device import autocast_dtype, select_device
+from deeplm.train.trainer import PhaseTrainer, TrainHooks, build_model, phase_dir
+from deeplm.workflows.activities import shard_prefix, tokenizer_path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_candidate(spec: str) -> tuple[str, str, list[str]]:
+    """``NAME=PRESET[,KEY=VALUE...]`` -> (name, preset, overrides)."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise SystemExit(f"--candidate {spec!r}: expected NAME=PRESET[,KEY=VALUE...]")
+    preset, *overrides = rest.split(",")
+    return name, preset, overrides
+
+
+def candidate_config(
+    preset: str, overrides: list[str], data_cfg, phase_name: str, tokens: int, common: list[str]
+):
+    """One phase named like the data run's phase (so it reads those shards): the data run's
+    tokenizer and vocabulary, the candidate preset's model and first-phase recipe."""
+    path = preset_path(preset)
+    d = resolve_extends(read_toml(path), path)
+    data_phase = next(p for p in data_cfg.phases if p.name == phase_name)
+    phase = dict(d["phases"][0])
+    phase.update(
+        name=phase_name,
+        kind="pretrain",
+        tokens=tokens,
+        sources=[dataclasses.asdict(s) for s in data_phase.sources],
+        val_fraction=data_phase.val_fraction,
+    )
+    d["phases"] = [phase]
+    d["tokenizer"] = dataclasses.asdict(data_cfg.tokenizer)
+    d.setdefault("model", {})["vocab_size"] = data_cfg.model.vocab_size
+    d["train"] = dict(d.get("train", {}), progress=False)
+    apply_overrides(d, [*common, *overrides])
+    return config_from_dict(d, f"{path} (candidate)")
+
+
+def link_data(data_run: Path, run: Path, phase_name: str) -> None:
+    """The candidate folder gets the data run's tokenizer and this phase's shards (copied: a
+    few files, and a candidate must not depend on another folder staying put)."""
+    tok = tokenizer_path(run)
+    if not tok.is_file():
+        tok.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(tokenizer_path(data_run), tok)
+    for split in ("train", "val"):
+        src = shard_prefix(data_run, phase_name, split)
+        dst = shard_prefix(run, phase_name, split)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        for f in src.parent.glob(src.name + ".*"):
+            target = dst.parent / f.name
+            if not target.exists():
+                shutil.copy2(f, target)
+
+
+def train_and_score(name: str, cfg, data_run: Path, out: Path, args) -> dict:
+    run = out / name
+    phase = cfg.phases[0]
+    link_data(data_run, run, phase.name)
+    tok = Tokenizer.load(tokenizer_path(run))
+    train = Shard.open(shard_prefix(run, phase.name, "train"), tok.hash)
+    val = Shard.open(shard_prefix(run, phase.name, "val"), tok.hash)
+    (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    last_print = [0.0]
+
+    def progress(info: dict) -> None:
+        if time.monotonic() - last_print[0] > args.print_every:
+            last_print[0] = time.monotonic()
+            loss = info.get("loss")
+            print(
+                f"  [{name}] step {info.get('step')}/{info.get('total_steps')} "
+                f"loss {loss if loss is None else round(loss, 3)}",
+                flush=True,
+            )
+
+    t0 = time.perf_counter()
+    trainer = PhaseTrainer(cfg, 0, run, tok, train, val, hooks=TrainHooks(on_progress=progress))
+    outcome = trainer.run()
+    wall = time.perf_counter() - t0
+    final = ckpt.latest_checkpoint(phase_dir(run, 0, phase))
+    if final is None or not final.meta.get("final"):
+        raise SystemExit(f"[{name}] no final checkpoint after training ({outcome.status})")
+    device = select_device(cfg.train.device)
+    dtype = autocast_dtype(device, cfg.train.precision)
+    model = build_model(cfg, cfg.seed).to(device)
+    ckpt.load_weights(final.path, model)
+    model.eval()
+    with torch.no_grad():
+        val_loss = evaluate_loss(
+            model, val, args.eval_seq_len, args.eval_batch, args.eval_batches, device, dtype
+        )
+        grammar = evaluate_grammar(model, tok, device, dtype)
+    record = {
+        "name": name,
+        "model": describe(cfg.model),
+        "parameters": count_parameters(cfg.model),
+        "tokens": phase.tokens,
+        "val_loss": val_loss,
+        "grammar_accuracy": grammar["accuracy"],
+        "grammar_by_category": {k: v["accuracy"] for k, v in grammar["categories"].items()},
+        "tokens_per_s": outcome.tokens_per_s,
+        "train_wall_s": None if outcome.skipped else wall,
+        "stop_reason": outcome.stop_reason,
+        "recipe": {
+            k: getattr(phase, k)
+            for k in ("optimizer", "lr", "min_lr_ratio", "warmup_frac", "micro_batch", "grad_accum")
+        },
+    }
+    timing = run / "compare-timing.json"
+    if outcome.skipped and timing.is_file():  # re-scored: keep the training run's figures
+        record.update(json.loads(timing.read_text()))
+    elif not outcome.skipped:
+        atomic_write_json(timing, {"train_wall_s": wall, "tokens_per_s": outcome.tokens_per_s})
+    return record
+
+
+def print_table(rows: list[dict]) -> None:
+    head = "| candidate | params | val loss | grammar acc | tokens/s | train wall |"
+    print("\n" + head + "\n|---|---|---|---|---|---|")
+    for r in rows:
+        tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "n/a"
+        wall = f"{r['train_wall_s']:.0f} s" if r["train_wall_s"] else "n/a"
+        print(
+            f"| {r['name']} | {r['parameters'] / 1e6:.1f}M | {r['val_loss']:.3f} | "
+            f"{100 * r['grammar_accuracy']:.1f} % | {tps} | {wall} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True, help="a prepared run (deeplm prepare)")
+    ap.add_argument("--phase", required=True, help="the data run's phase whose shards to use")
+    ap.add_argument("--tokens", type=int, required=True, help="training tokens per candidate")
+    ap.add_argument("--candidate", action="append", required=True, help="NAME=PRESET[,K=V...]")
+    ap.add_argument("--common", action="append", default=[], help="K=V for every candidate")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the candidates' runs")
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--eval-batch", type=int, default=8)
+    ap.add_argument("--eval-batches", type=int, default=50)
+    ap.add_argument("--print-every", type=float, default=30.0, help="seconds between progress")
+    ap.add_argument("--save", help="write bench/results/compare-SAVE.json")
+    args = ap.parse_args(argv)
+    data_cfg = _data_config(args.data)
+    if args.phase not in [p.name for p in data_cfg.phases]:
+        raise SystemExit(f"{args.data}: no phase {args.phase!r} in its config")
+    for split in ("train", "val"):
+        prefix = shard_prefix(args.data, args.phase, split)
+        if not Path(f"{prefix}.bin").is_file():
+            raise SystemExit(f"{prefix}.bin: missing; run `deeplm prepare` for {args.data} first")
+    rows = []
+    for spec in args.candidate:
+        name, preset, overrides = parse_candidate(spec)
+        cfg = candidate_config(preset, overrides, data_cfg, args.phase, args.tokens, args.common)
+        print(f"[{name}] {describe(cfg.model)}; {args.tokens:,} tokens", flush=True)
+        rows.append(train_and_score(name, cfg, args.data, args.out, args))
+        r = rows[-1]
+        print(
+            f"[{name}] val loss {r['val_loss']:.4f}, grammar {100 * r['grammar_accuracy']:.1f} %",
+            flush=True,
+        )
+    print_table(rows)
+    if args.save:
+        path = RESULTS / f"compare-{args.save}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        command = "python bench/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        atomic_write_json(path, {"command": command, "torch": torch.__version__, "rows": rows})
+        print(f"results: {path}")
+    return 0
+
+
+def _data_config(run: Path):
+    """The data run's effective config (``config.json``, written by ``deeplm prepare``)."""
+    path = run / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found; prepare the data run first (deeplm prepare)")
+    return config_from_json(path.read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
