@@ -58,8 +58,26 @@ def parse_candidate(spec: str) -> tuple[str, str, list[str]]:
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
         raise SystemExit(f"--candidate {spec!r}: expected NAME=PRESET[,KEY=VALUE...]")
-    preset, *overrides = rest.split(",")
+    preset, *overrides = _split_top_level(rest)
     return name, preset, overrides
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets, braces and quotes (TOML values may hold commas)."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
 
 
 def candidate_config(

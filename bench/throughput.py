@@ -16,8 +16,8 @@ Each configuration runs in its own process, so its peak memory (CUDA: max alloca
 ``6*N + 12*L*d*T`` FLOPs per token against the datasheet peak (CUDA) and, with ``--gemm-peak``,
 against a bf16/fp32 GEMM peak measured in the same run (any device). ``--baseline`` also runs
 the plain eager model (fp32 and bf16, logits head) at each context length and prints each
-configuration's speed-up over it. ``--save`` writes ``bench/results/<device>.json``; ``--json F``
-writes elsewhere.
+configuration's speed-up over it. ``--save`` writes ``bench/results/<device>-<preset>.json``;
+``--json F`` writes elsewhere.
 
 Data parallel: ``--world-size N`` also runs every configuration in N processes under torchrun
 (DDP, one GPU each; gloo on CPU), each with the same per-process batch, and prints tokens/s per
@@ -41,6 +41,7 @@ import torch
 from deeplm.config import load_config
 from deeplm.model import Transformer, count_parameters, describe, flops_per_token
 from deeplm.train.device import (
+    adamw_implementation,
     autocast_context,
     peak_flops,
     peak_memory_bytes,
@@ -90,13 +91,15 @@ def bench_one(
 ) -> dict:
     """Time ``steps`` optimizer steps of one configuration (after ``warmup`` steps)."""
     torch.manual_seed(0)
+    if seq_len > cfg.model.max_seq_len:  # RoPE has no learned positions: any length can run
+        cfg.model.max_seq_len = seq_len
     model = Transformer(cfg.model).to(device)
     model.set_grad_checkpointing(grad_ckpt)
     model.set_frozen_layers(frozen)
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=1e-4,
-        **({"fused": True} if device.type == "cuda" else {"foreach": True}),
+        **adamw_implementation(device),
     )
     dtype = torch.bfloat16 if precision == "bf16" else None
     fwd: torch.nn.Module = model
@@ -248,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--gemm-peak", action="store_true", help="measure GEMM peaks for MFU")
     ap.add_argument("--json", help="write results to this file")
-    ap.add_argument("--save", action="store_true", help="write bench/results/<device>.json")
+    ap.add_argument(
+        "--save", action="store_true", help="write bench/results/<device>-<preset>.json"
+    )
     ap.add_argument(
         "--world-size",
         type=int,
@@ -327,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     report["results"] = results
-    out = args.json or (str(RESULTS / f"{report['device_name']}.json") if args.save else None)
+    name = f"{report['device_name']}-{args.preset}.json"
+    out = args.json or (str(RESULTS / name) if args.save else None)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(out).with_suffix(".json.tmp")

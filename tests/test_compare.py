@@ -66,6 +66,12 @@ def test_candidates_train_on_the_same_data_and_rerun_only_rescores(
 def test_bad_candidate_and_missing_data_are_named(data_run, tmp_path):
     with pytest.raises(SystemExit, match="expected NAME=PRESET"):
         compare.parse_candidate("just-a-name")
+    spec = 'a=tiny,phases.0.freeze=[{at=0.2,layers=8},{at=0.5,layers=16}],name="x,y"'
+    assert compare.parse_candidate(spec) == (
+        "a",
+        "tiny",
+        ["phases.0.freeze=[{at=0.2,layers=8},{at=0.5,layers=16}]", 'name="x,y"'],
+    )
     argv = ["--data", str(tmp_path / "nope"), "--phase", "p1", "--tokens", "10"]
     with pytest.raises(SystemExit, match="config.json: not found"):
         compare.main([*argv, "--candidate", "a=tiny", "--out", str(tmp_path / "o")])

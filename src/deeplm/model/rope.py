@@ -30,8 +30,18 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` of shape ``[..., T, head_dim]`` by the angles of ``cos``/``sin`` ``[T, hd]``."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate ``x`` ``[..., head_dim]`` by ``cos``/``sin`` tables of this module (broadcastable
+    to ``x``, e.g. ``[T, hd]`` for ``[..., T, hd]`` or ``[T, 1, hd]`` for ``[B, T, H, hd]``).
+
+    ``x * cos + rotate_half(x) * sin``, computed on the two halves: the tables repeat their
+    first half (``angle = cat(f, f)``), so ``out = cat(x1*c - x2*s, x2*c + x1*s)`` with ``c, s``
+    the first halves. Fewer passes over memory than the textbook form (no negated copy, no
+    full-size rotated copy), which matters for eager training (CPU, MPS).
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[..., :half], sin[..., :half]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
 class RotaryEmbedding(nn.Module):

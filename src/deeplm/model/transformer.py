@@ -101,13 +101,13 @@ class CausalSelfAttention(nn.Module):
         start_pos: int = 0,
     ) -> Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).split(self.d_model, dim=-1)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        qkv = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim)
+        # q and k rotated together, in the projection's [B, T, (q|k), H, hd] layout
+        cos = cos.to(qkv.dtype).view(t, 1, 1, self.head_dim)
+        sin = sin.to(qkv.dtype).view(t, 1, 1, self.head_dim)
+        qk = apply_rotary(qkv[:, :, :2], cos, sin)
+        q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)
+        v = qkv[:, :, 2].transpose(1, 2)
         dropout_p = self.attn_dropout if self.training else 0.0
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)

@@ -157,6 +157,25 @@ def peak_rss_bytes() -> int | None:
     return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux KiB
 
 
+def adamw_implementation(device: torch.device) -> dict[str, bool]:
+    """Keyword arguments choosing AdamW's implementation on ``device``: the fused kernel on CUDA
+    and MPS (one kernel for all parameters; PyTorch ships it for MPS since 2.4) where this PyTorch
+    has it, the multi-tensor ``foreach`` path elsewhere (CPU: measured no slower, and the CPU
+    results stay comparable with earlier runs)."""
+    if device.type in ("cuda", "mps") and device.type in _fused_devices():
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def _fused_devices() -> list[str]:
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        return list(_get_fused_kernels_supported_devices())
+    except ImportError:  # an older PyTorch: CUDA only
+        return ["cuda"]
+
+
 def set_threads(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from deeplm.config import PhaseConfig
+from deeplm.train.device import adamw_implementation
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -26,13 +27,12 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     groups = param_groups(model, phase.weight_decay)
     if phase.optimizer == "adamw":
-        kwargs: dict = {}
-        if device.type == "cuda":
-            kwargs["fused"] = True
-        else:
-            kwargs["foreach"] = True
         return torch.optim.AdamW(
-            groups, lr=phase.lr, betas=(phase.beta1, phase.beta2), eps=1e-8, **kwargs
+            groups,
+            lr=phase.lr,
+            betas=(phase.beta1, phase.beta2),
+            eps=1e-8,
+            **adamw_implementation(device),
         )
     if phase.optimizer == "adafactor":
         return torch.optim.Adafactor(groups, lr=phase.lr, foreach=True)

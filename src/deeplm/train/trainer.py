@@ -47,6 +47,7 @@ from deeplm.train.device import (
     autocast_dtype,
     compile_supported,
     peak_flops,
+    peak_memory_bytes,
     select_device,
     set_threads,
     synchronize,
@@ -259,6 +260,7 @@ class PhaseTrainer:
             seq_len,
             micro_batch,
             seed=self.cfg.seed + 1000 * self.phase_idx,
+            pin_memory=self.device.type == "cuda",  # async host-to-device copies
         )
 
     # ------------------------------------------------------------------ evaluation
@@ -640,6 +642,9 @@ class PhaseTrainer:
                     "frozen_layers": self.model.n_frozen,
                     "elapsed_s": now - t_phase,
                 }
+                mem = peak_memory_bytes(self.device)
+                if mem:
+                    record["peak_memory_gb"] = mem / 2**30
                 if self.token_weight_table is not None:
                     record["loss_unweighted"] = float(unw_sum.item()) / max(1, loss_n)
                 self.metrics.log(record)
