@@ -46,6 +46,9 @@ def _config(**overrides) -> RunConfig:
     d = micro_config(**(phase | overrides))
     d["model"]["resid_dropout"] = 0.0
     d["model"]["embd_dropout"] = 0.0
+    # fp32 maths: bf16 autocast (the default on CPUs with AMX) rounds differently when the
+    # thread count differs (ranks run with one thread each), which Adam then magnifies
+    d["train"]["precision"] = "fp32"
     d["phases"][0]["val_fraction"] = 0.05
     d["clean"] = {"chunk_chars": 4000}
     return config_from_dict(d)

@@ -116,6 +116,24 @@ def test_intact_run_has_no_findings_and_redoes_nothing(injected, tmp_path):
     assert "integrity" not in summary and summary.get("nothing_redone")
 
 
+def test_unfinished_temp_files_of_a_killed_write_are_removed(injected, tmp_path):
+    """A kill in the middle of an atomic write leaves its temp file (the final name never
+    appears). The stage that owns the folder removes such files when it runs again, so the
+    rerun ends identical to the reference with nothing unfinished left over."""
+    workdir = injected[0]
+    run_dir = _copy_finished(injected, tmp_path)
+    shards = run_dir / "shards" / "grammar"
+    (shards / "val.bin").unlink()  # the write that was killed
+    stale = [shards / ".val.json.k1ll3d.tmp", shards / ".train.idx.npy.tmp-99"]
+    for path in stale:
+        path.write_text("half")
+    summary, logs = _rerun(run_dir, workdir)
+    assert not summary["stages"]["tokenize:grammar"]["skipped"]
+    assert not any(p.exists() for p in stale), logs
+    assert sum("removed an unfinished file" in line for line in logs) == 2, logs
+    assert fi.compare_runs(workdir / "reference", run_dir, PHASES) == []
+
+
 def test_truncated_shard_at_train_start_is_rebuilt(injected, tmp_path):
     run_dir = _copy_finished(injected, tmp_path)
     val = run_dir / "shards" / "vocabulary" / "val.bin"

@@ -111,3 +111,26 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of an in-memory byte string."""
     return hashlib.sha256(data).hexdigest()
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the names deeplm's writers give unfinished files: ``.<name>.<random>.tmp``
+    (:func:`atomic_write_bytes`), ``.<name>.tmp-<pid>`` and ``.<name>.tmp.<ext>``."""
+    return name.startswith(".") and (name.endswith(".tmp") or ".tmp-" in name or ".tmp." in name)
+
+
+def remove_stale_temps(folder: str | os.PathLike[str], recursive: bool = False) -> list[Path]:
+    """Delete unfinished temp files left in ``folder`` by a writer that was killed mid-write.
+
+    Call it only where no other process writes into ``folder`` (deeplm: at the start of the
+    stage that owns it, under the run's lock). Returns what was removed.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in root.rglob(".*") if recursive else root.glob(".*"):
+        if path.is_file() and is_temp_name(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deeplm.atomic import atomic_replace
+from deeplm.atomic import atomic_replace, remove_stale_temps
 from deeplm.config import RunConfig, SourceConfig
 from deeplm.data.clean import CleanStats, Deduper, clean_documents, split_for
 from deeplm.data.instructions import iter_instructions, scrub_special
@@ -599,7 +599,26 @@ ACTIVITIES: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
+def stage_folders(run_dir: Path, cfg: RunConfig, spec: StageSpec) -> list[tuple[Path, bool]]:
+    """The folders a stage alone writes into, as ``(folder, recursive)`` (checkpoint folders
+    clean up after themselves in :mod:`deeplm.train.checkpoint`)."""
+    if spec.activity == "prepare":
+        return [(run_dir / "data", True)]
+    if spec.activity == "train_tokenizer":
+        return [(tokenizer_path(run_dir).parent, False)]
+    if spec.activity == "tokenize" and spec.arg is not None:
+        return [(shard_prefix(run_dir, cfg.phases[spec.arg].name, "train").parent, False)]
+    if spec.activity == "evaluate":
+        return [(run_dir, False), (run_dir / "report", False)]
+    return []
+
+
 def run_stage(ctx: RunContext, spec: StageSpec) -> dict[str, Any]:
+    """Run one stage. Temp files that a killed earlier attempt left in the stage's own folders
+    are removed first: they would never be finished or cleaned otherwise."""
+    for folder, recursive in stage_folders(ctx.run_dir, ctx.cfg, spec):
+        for path in remove_stale_temps(folder, recursive):
+            ctx.log(f"[{spec.name}] removed an unfinished file of an earlier attempt: {path}")
     fn = ACTIVITIES[spec.activity]
     return fn(ctx) if spec.arg is None else fn(ctx, spec.arg)
 
