@@ -25,6 +25,5 @@ $PY bench/compare.py --data "$DATA" --phase grammar --tokens 2_000_000 --out "$O
   --candidate "deep-adafactor-3e-4=tiny,$DEEP,$NAIVE,phases.0.lr=3e-4,phases.0.optimizer=\"adafactor\",phases.0.weight_decay=0.0" \
   --candidate "deep-adafactor-1e-2=tiny,$DEEP,$NAIVE,phases.0.lr=1e-2,phases.0.optimizer=\"adafactor\",phases.0.weight_decay=0.0" \
   --candidate "deep-adafactor-5e-2=tiny,$DEEP,$NAIVE,phases.0.lr=5e-2,phases.0.optimizer=\"adafactor\",phases.0.weight_decay=0.0" \
-  --candidate "deep-2e-3-swiglu=tiny,$DEEP,$NAIVE,phases.0.lr=2e-3,model.activation=\"swiglu\"" \
-  --candidate "wide-4e-3=tiny,$WIDE,$NAIVE,phases.0.lr=4e-3" \
+  --candidate "wide-adafactor-5e-2=tiny,$WIDE,$NAIVE,phases.0.lr=5e-2,phases.0.optimizer=\"adafactor\",phases.0.weight_decay=0.0" \
   --save cpu-small

@@ -140,3 +140,23 @@ def test_checkpoint_of_another_tokenizer_is_never_resumed(corpus, tmp_path):
     assert (phase_dir / "step-0000004.other-tokenizer").is_dir()
     a, b = _final_weights(full), _final_weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)  # resumed from step 2, not from step 4
+
+
+def test_adafactor_with_an_adamw_sized_lr_is_warned_about():
+    """torch's Adafactor multiplies its lr by each parameter's RMS: an AdamW-sized lr (3e-4)
+    barely trains (measured: docs/depth-vs-width.md), so it is named, with the usual range."""
+    import warnings
+
+    from deeplm.model import Transformer
+    from deeplm.train.optim import build_optimizer
+
+    cfg = config_from_dict(micro_config(optimizer="adafactor", lr=3e-4))
+    model = Transformer(cfg.model)
+    with pytest.warns(UserWarning, match=r"Adafactor with lr=0\.0003.*1e-2 to 5e-2"):
+        build_optimizer(model, cfg.phases[0], torch.device("cpu"))
+    cfg = config_from_dict(micro_config(optimizer="adafactor", lr=1e-2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(
+            build_optimizer(model, cfg.phases[0], torch.device("cpu")), torch.optim.Adafactor
+        )

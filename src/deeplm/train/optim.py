@@ -3,11 +3,16 @@ matrices only (never to norms, biases)."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from deeplm.config import PhaseConfig
 from deeplm.train.device import adamw_implementation
+
+# below this, torch's Adafactor (step = lr x parameter RMS) hardly moves the weights
+ADAFACTOR_LOW_LR = 1e-3
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -35,6 +40,14 @@ def build_optimizer(
             **adamw_implementation(device),
         )
     if phase.optimizer == "adafactor":
+        if phase.lr < ADAFACTOR_LOW_LR:
+            warnings.warn(
+                f"phase {phase.name!r}: Adafactor with lr={phase.lr:g}. torch's Adafactor scales "
+                "each step by the parameter's RMS (~0.02 here), so its lr is ~50x an AdamW lr: "
+                "1e-2 to 5e-2 is the usual range (docs/configuration.md); this one will barely "
+                "learn",
+                stacklevel=2,
+            )
         return torch.optim.Adafactor(groups, lr=phase.lr, foreach=True)
     raise ValueError(f"unknown optimizer {phase.optimizer!r} (adamw or adafactor)")
 
