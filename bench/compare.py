@@ -35,7 +35,6 @@ from deeplm.atomic import atomic_write_json
 from deeplm.config import (
     apply_overrides,
     config_from_dict,
-    config_from_json,
     preset_path,
     read_toml,
     resolve_extends,
@@ -49,6 +48,7 @@ from deeplm.train import checkpoint as ckpt
 from deeplm.train.device import autocast_dtype, select_device
 from deeplm.train.trainer import PhaseTrainer, TrainHooks, build_model, phase_dir
 from deeplm.workflows.activities import shard_prefix, tokenizer_path
+from deeplm.workflows.local import load_run_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -104,7 +104,7 @@ def candidate_config(
     return config_from_dict(d, f"{path} (candidate)")
 
 
-def link_data(data_run: Path, run: Path, phase_name: str) -> None:
+def copy_data(data_run: Path, run: Path, phase_name: str) -> None:
     """The candidate folder gets the data run's tokenizer and this phase's shards (copied: a
     few files, and a candidate must not depend on another folder staying put)."""
     tok = tokenizer_path(run)
@@ -124,7 +124,7 @@ def link_data(data_run: Path, run: Path, phase_name: str) -> None:
 def train_and_score(name: str, cfg, data_run: Path, out: Path, args) -> dict:
     run = out / name
     phase = cfg.phases[0]
-    link_data(data_run, run, phase.name)
+    copy_data(data_run, run, phase.name)
     tok = Tokenizer.load(tokenizer_path(run))
     train = Shard.open(shard_prefix(run, phase.name, "train"), tok.hash)
     val = Shard.open(shard_prefix(run, phase.name, "val"), tok.hash)
@@ -238,10 +238,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _data_config(run: Path):
     """The data run's effective config (``config.json``, written by ``deeplm prepare``)."""
-    path = run / "config.json"
-    if not path.is_file():
-        raise SystemExit(f"{path}: not found; prepare the data run first (deeplm prepare)")
-    return config_from_json(path.read_text(encoding="utf-8"))
+    try:
+        return load_run_config(run)
+    except FileNotFoundError:
+        raise SystemExit(
+            f"{run / 'config.json'}: not found; prepare the data run first (deeplm prepare)"
+        ) from None
 
 
 if __name__ == "__main__":
