@@ -16,7 +16,12 @@ with ``--common`` apply to all), and is scored on the same validation windows at
 and on the whole grammar suite. Each candidate trains in its own folder under ``--out`` and
 resumes there: run the same command again after an interruption and finished candidates are
 only re-scored. The table goes to the terminal and, with ``--save NAME``, to
-``bench/results/compare-NAME.json`` together with the command.
+``bench/results/compare-NAME.json`` (``--json PATH``: anywhere) together with the command. Each
+row keeps the candidate's overrides, its recipe, its validation-loss curve (every evaluation of
+the training run: ``[tokens, val_loss]``) and the device's peak memory.
+
+The anchor shards (``deeplm import``, docs/playbook.md) are the data every recipe figure in
+``bench/NOTES.md`` is measured on.
 """
 
 from __future__ import annotations
@@ -121,6 +126,46 @@ def copy_data(data_run: Path, run: Path, phase_name: str) -> None:
                 shutil.copy2(f, target)
 
 
+RECIPE_KEYS = (
+    "optimizer",
+    "lr",
+    "adamw_lr",
+    "weight_decay",
+    "schedule",
+    "min_lr_ratio",
+    "warmup_frac",
+    "decay_frac",
+    "muon_momentum",
+    "muon_ns_steps",
+    "muon_adjust_lr",
+    "micro_batch",
+    "grad_accum",
+)
+
+
+def val_curve(run: Path, phase: str) -> list[list[float]]:
+    """``[tokens, val_loss]`` of every evaluation in the run's metrics (the last run's only)."""
+    path = run / "metrics" / f"{phase}.jsonl"
+    points: dict[int, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("val_loss") is not None:
+                points[int(rec["tokens"])] = float(rec["val_loss"])
+    return [[t, v] for t, v in sorted(points.items())]
+
+
+def peak_memory_gb(run: Path, phase: str) -> float | None:
+    path = run / "metrics" / f"{phase}.jsonl"
+    if not path.is_file():
+        return None
+    peaks = [
+        json.loads(line).get("peak_memory_gb") for line in path.read_text().splitlines() if line
+    ]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
+
+
 def train_and_score(name: str, cfg, data_run: Path, out: Path, args) -> dict:
     run = out / name
     phase = cfg.phases[0]
@@ -169,10 +214,13 @@ def train_and_score(name: str, cfg, data_run: Path, out: Path, args) -> dict:
         "tokens_per_s": outcome.tokens_per_s,
         "train_wall_s": None if outcome.skipped else wall,
         "stop_reason": outcome.stop_reason,
-        "recipe": {
-            k: getattr(phase, k)
-            for k in ("optimizer", "lr", "min_lr_ratio", "warmup_frac", "micro_batch", "grad_accum")
-        },
+        "recipe": {k: getattr(phase, k) for k in RECIPE_KEYS},
+        "curriculum": [dataclasses.asdict(c) for c in phase.curriculum],
+        "freeze": [dataclasses.asdict(f) for f in phase.freeze],
+        "model_config": dataclasses.asdict(cfg.model),
+        "val_curve": val_curve(run, phase.name),
+        "peak_memory_gb": peak_memory_gb(run, phase.name),
+        "device": str(device),
     }
     timing = run / "compare-timing.json"
     if outcome.skipped and timing.is_file():  # re-scored: keep the training run's figures
@@ -207,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-batches", type=int, default=50)
     ap.add_argument("--print-every", type=float, default=30.0, help="seconds between progress")
     ap.add_argument("--save", help="write bench/results/compare-SAVE.json")
+    ap.add_argument("--json", type=Path, help="write the results to this file")
     args = ap.parse_args(argv)
     data_cfg = _data_config(args.data)
     if args.phase not in [p.name for p in data_cfg.phases]:
@@ -222,13 +271,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] {describe(cfg.model)}; {args.tokens:,} tokens", flush=True)
         rows.append(train_and_score(name, cfg, args.data, args.out, args))
         r = rows[-1]
+        r.update(preset=preset, overrides=[*args.common, *overrides])
         print(
             f"[{name}] val loss {r['val_loss']:.4f}, grammar {100 * r['grammar_accuracy']:.1f} %",
             flush=True,
         )
     print_table(rows)
-    if args.save:
-        path = RESULTS / f"compare-{args.save}.json"
+    paths = [RESULTS / f"compare-{args.save}.json"] if args.save else []
+    paths += [args.json] if args.json else []
+    for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
         command = "python bench/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
         atomic_write_json(path, {"command": command, "torch": torch.__version__, "rows": rows})

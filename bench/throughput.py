@@ -27,6 +27,7 @@ process, the total, and the scaling efficiency ``total / (N * one-process tokens
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import platform
@@ -38,10 +39,9 @@ from pathlib import Path
 
 import torch
 
-from deeplm.config import load_config
+from deeplm.config import OPTIMIZERS, load_config
 from deeplm.model import Transformer, count_parameters, describe, flops_per_token
 from deeplm.train.device import (
-    adamw_implementation,
     autocast_context,
     peak_flops,
     peak_memory_bytes,
@@ -49,6 +49,7 @@ from deeplm.train.device import (
     select_device,
     synchronize,
 )
+from deeplm.train.optim import build_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -88,6 +89,7 @@ def bench_one(
     shards: str | None = None,
     compile_scope: str = "block",
     ddp: bool = False,
+    optimizer: str = "adamw",
 ) -> dict:
     """Time ``steps`` optimizer steps of one configuration (after ``warmup`` steps)."""
     torch.manual_seed(0)
@@ -96,11 +98,8 @@ def bench_one(
     model = Transformer(cfg.model).to(device)
     model.set_grad_checkpointing(grad_ckpt)
     model.set_frozen_layers(frozen)
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=1e-4,
-        **adamw_implementation(device),
-    )
+    # the optimizer training builds (deeplm.train.optim), with the preset's first-phase settings
+    opt = build_optimizer(model, dataclasses.replace(cfg.phases[0], optimizer=optimizer), device)
     dtype = torch.bfloat16 if precision == "bf16" else None
     fwd: torch.nn.Module = model
     if compile_ and compile_scope == "block":  # as the trainer does: 60 blocks, one graph
@@ -115,12 +114,18 @@ def bench_one(
     batches = _batches(data, shards, cfg.model.vocab_size, batch, seq_len, device)
     reset_peak_memory(device)
 
-    def step() -> torch.Tensor:
+    def step(timed_opt: list[float] | None = None) -> torch.Tensor:
         inp, tgt = next(batches)
         with autocast_context(device, dtype):
             _, loss = fwd(inp, tgt, return_logits=head == "logits")
         loss.backward()
+        if timed_opt is not None:
+            synchronize(device)
+            t = time.perf_counter()
         opt.step()
+        if timed_opt is not None:
+            synchronize(device)
+            timed_opt.append(time.perf_counter() - t)
         opt.zero_grad(set_to_none=True)
         return loss
 
@@ -136,6 +141,10 @@ def bench_one(
         loss = step()
     synchronize(device)
     dt = time.perf_counter() - t0
+    opt_times: list[float] = []  # the optimizer step alone, synchronised on both sides
+    for _ in range(steps):
+        step(opt_times)
+    opt_s = sorted(opt_times)[len(opt_times) // 2]
     tok_s = batch * seq_len * steps / dt
     peak = peak_flops(device, dtype)
     mem = peak_memory_bytes(device)
@@ -152,6 +161,9 @@ def bench_one(
         "seq_len": seq_len,
         "tokens_per_s": tok_s,
         "step_ms": 1000 * step_s,
+        "optimizer": optimizer,
+        "optimizer_ms": 1000 * opt_s,
+        "optimizer_share": opt_s / step_s,
         "first_step_s": first_step_s,
         # the first step's time beyond an ordinary step: compilation (and allocator warm-up)
         "compile_s": max(0.0, first_step_s - step_s) if compile_ else None,
@@ -218,6 +230,20 @@ def main(argv: list[str] | None = None) -> int:
         choices=["block", "model"],
         help="compile each block (as training does) or the whole model",
     )
+    ap.add_argument(
+        "--optimizer",
+        nargs="+",
+        default=["adamw"],
+        choices=list(OPTIMIZERS),
+        help="the optimizers to time (training's own, with the preset's phase-1 settings)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, as `deeplm run --set` (e.g. model.activation=relu2)",
+    )
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
@@ -266,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         args.grad_checkpointing = ["on"]
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(preset=args.preset)
+    cfg = load_config(preset=args.preset, overrides=args.set)
     if args.one and args.world_size > 1:  # a rank of the data-parallel run
         return _rank_main(cfg, args)
     device = select_device(args.device)
@@ -308,9 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         args.grad_checkpointing,
         args.head,
         args.data,
+        args.optimizer,
     )
-    for seq_len, precision, comp, frozen, ckpt_, head, data in grid:
+    for seq_len, precision, comp, frozen, ckpt_, head, data, optim in grid:
         spec = _spec(args, seq_len, precision, comp == "on", frozen, ckpt_ == "on", head, data)
+        spec["optimizer"] = optim
         r = _run_child(argv_base(args), spec)
         for base_precision in ("fp32", "bf16"):
             base = baselines.get((seq_len, base_precision))
@@ -395,15 +423,18 @@ def _print_result(label: str, r: dict, measured_peak: dict[str, float]) -> None:
     print(
         f"  {label}T={r['seq_len']:<4} {r['precision']:<4} compile={comp:<3} "
         f"frozen={r['frozen']:<3} ckpt={'on' if r['grad_checkpointing'] else 'off':<3} "
-        f"head={r['head']:<7} {r['data']:<9}"
+        f"head={r['head']:<7} {r['data']:<9} {r.get('optimizer', 'adamw'):<9}"
         f"{r['tokens_per_s']:>10,.0f} tok/s {r['step_ms']:8.1f} ms/step  "
-        f"first step {r['first_step_s']:6.1f}s  MFU {mfu}  peak mem {mem}{speed}",
+        f"first step {r['first_step_s']:6.1f}s  MFU {mfu}  peak mem {mem}{speed}"
+        f"  optimizer {100 * r.get('optimizer_share', 0):.1f}% of the step",
         flush=True,
     )
 
 
 def argv_base(args: argparse.Namespace) -> list[str]:
     base = ["--preset", args.preset, "--device", args.device]
+    for kv in args.set:
+        base += ["--set", kv]
     if args.threads:
         base += ["--threads", str(args.threads)]
     return base

@@ -27,7 +27,8 @@ def test_wide_preset_extends_the_60m_playbook():
     assert [p.name for p in wide.phases] == [p.name for p in big.phases]
     assert [p.tokens for p in wide.phases] == [p.tokens for p in big.phases]
     assert wide.phases[0].sources == big.phases[0].sources and wide.phases[0].lr == big.phases[0].lr
-    assert [f.layers for f in wide.phases[0].freeze] == [4, 8]
+    assert wide.phases[0].freeze == big.phases[0].freeze == []  # measured: no freezing
+    assert [f.layers for f in wide.phases[2].freeze] == [8]  # the fine-tune's, at 2/3 depth
 
 
 def test_extends_merges_tables_and_phases_and_rejects_loops(tmp_path):

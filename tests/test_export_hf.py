@@ -33,9 +33,10 @@ def hf_logits(folder, idx: torch.Tensor) -> tuple[torch.Tensor, object]:
         return hf(idx).logits, hf
 
 
-def random_model(activation: str, tie: bool, vocab: int) -> Transformer:
+def random_model(activation: str, tie: bool, vocab: int, qk_norm: bool = False) -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(
+        qk_norm=qk_norm,
         n_layers=3,
         d_model=48,
         n_heads=3,
@@ -53,21 +54,25 @@ def random_model(activation: str, tie: bool, vocab: int) -> Transformer:
             if isinstance(m, torch.nn.LayerNorm):
                 m.weight.normal_(1.0, 0.3)
                 m.bias.normal_(0.0, 0.3)
+            elif type(m).__name__ == "HeadNorm":
+                m.weight.normal_(1.0, 0.3)
     return model
 
 
 @pytest.mark.parametrize(
-    "activation,tie,arch",
+    "activation,tie,arch,qk_norm",
     [
-        ("gelu", True, "GPTNeoXForCausalLM"),
-        ("gelu", False, "GPTNeoXForCausalLM"),
-        ("swiglu", True, "StableLmForCausalLM"),
-        ("swiglu", False, "StableLmForCausalLM"),
+        ("gelu", True, "GPTNeoXForCausalLM", False),
+        ("gelu", False, "GPTNeoXForCausalLM", False),
+        ("relu2", True, "GPTNeoXForCausalLM", False),
+        ("swiglu", True, "StableLmForCausalLM", False),
+        ("swiglu", False, "StableLmForCausalLM", False),
+        ("swiglu", True, "StableLmForCausalLM", True),
     ],
 )
-def test_random_model_logits_match(corpus, tmp_path, activation, tie, arch) -> None:
+def test_random_model_logits_match(corpus, tmp_path, activation, tie, arch, qk_norm) -> None:
     tok = corpus["tokenizer"]
-    model = random_model(activation, tie, tok.vocab_size)
+    model = random_model(activation, tie, tok.vocab_size, qk_norm)
     out = export_hf(model, tok, tmp_path / "export")
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [arch]
@@ -160,12 +165,16 @@ def test_refusals(corpus, tmp_path) -> None:
     with pytest.raises(ExportError, match="no transformers class"):
         export_hf(model, tok, tmp_path / "x")
     model.cfg.activation = "gelu"
+    qk = random_model("gelu", True, tok.vocab_size, qk_norm=True)
+    with pytest.raises(ExportError, match="QK-norm"):  # GPT-NeoX has none
+        export_hf(qk, tok, tmp_path / "qk")
     out = export_hf(model, tok, tmp_path / "ok")
     config = json.loads((out / "config.json").read_text())
     for key, value, match in [
         ("use_parallel_residual", True, "parallel"),
         ("rotary_pct", 0.25, "whole head"),
         ("hidden_act", "relu", "hidden_act"),
+        ("hidden_act", "silu", "hidden_act"),
         ("model_type", "llama", "model_type"),
     ]:
         bad = dict(config) | {key: value}

@@ -39,7 +39,7 @@ def _final_weights(outcome):
     return load_file(f"{outcome.last_checkpoint}/{ckpt.WEIGHTS}")
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "adafactor"])
 def test_exact_resume_is_bit_identical(corpus, tmp_path, optimizer):
     full, _ = _train(corpus, tmp_path / "full", micro_config(), optimizer=optimizer)
     assert full.status == "done" and full.step == 6

@@ -315,6 +315,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from deeplm.data.importer import ImportError_
+    from deeplm.workflows.import_run import import_tokens
+
+    cfg = _load_cfg(args)
+    try:
+        import_tokens(
+            Path(args.run_dir),
+            cfg,
+            Path(args.train),
+            Path(args.val),
+            Path(args.tokenizer),
+            phase=args.phase,
+            bos_token=args.bos_token,
+            dtype=args.dtype,
+        )
+    except ImportError_ as exc:
+        raise ConfigError(str(exc)) from None
+    print(
+        f"imported into {args.run_dir}: train with `python bench/compare.py --data "
+        f"{args.run_dir} --phase {args.phase or cfg.phases[0].name} ...`"
+    )
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from deeplm.model import describe
 
@@ -372,6 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser(
+        "import", help="make a data run from pre-tokenized files (nanoGPT / llm.c .bin)"
+    )
+    cfg_args(p)
+    p.add_argument("--train", required=True, help="training tokens (.bin: raw uint16 or llm.c)")
+    p.add_argument("--val", required=True, help="validation tokens (same format)")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer.json they were encoded with")
+    p.add_argument("--run-dir", required=True, help="a new run directory")
+    p.add_argument("--phase", help="the phase whose shards these are (default: the first)")
+    p.add_argument("--bos-token", help="the token that starts each document (default: detected)")
+    p.add_argument("--dtype", default="uint16", choices=["uint16", "uint32"], help="raw files")
+    p.set_defaults(fn=cmd_import)
 
     p = sub.add_parser("status", help="show a run's stages, phases, progress and metrics")
     p.add_argument("--run-dir", required=True)

@@ -20,6 +20,11 @@ from typing import Any
 PRESETS_DIR = Path(__file__).parent / "configs"
 
 
+ACTIVATIONS = ("gelu", "relu2", "swiglu")
+OPTIMIZERS = ("adamw", "muon", "adafactor")
+SCHEDULES = ("cosine", "wsd")
+
+
 class ConfigError(ValueError):
     """A configuration file, preset or override is invalid; the message names the key."""
 
@@ -32,7 +37,7 @@ class ModelConfig:
     d_model: int = 320
     n_heads: int = 5
     mlp_ratio: float = 2.0
-    activation: str = "gelu"  # "gelu" or "swiglu"
+    activation: str = "gelu"  # "gelu", "relu2" (squared ReLU) or "swiglu"
     vocab_size: int = 32000
     max_seq_len: int = 512
     norm_eps: float = 1e-5
@@ -43,6 +48,11 @@ class ModelConfig:
     resid_dropout: float = 0.0
     tie_embeddings: bool = True
     grad_checkpointing: bool = False
+    # Per-head LayerNorm (no bias) on queries and keys before RoPE (as StableLM's qk_layernorm).
+    qk_norm: bool = False
+    # Residual output projections (attention proj, MLP down) start at zero instead of
+    # N(0, init_std / sqrt(2 * n_layers)): every block starts as the identity.
+    zero_init_residual: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -56,9 +66,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"model head dim {self.head_dim} must be even for RoPE")
-        if self.activation not in ("gelu", "swiglu"):
+        if self.activation not in ACTIVATIONS:
             raise ConfigError(
-                f"model.activation must be 'gelu' or 'swiglu', not {self.activation!r}"
+                f"model.activation must be one of {', '.join(ACTIVATIONS)}, not "
+                f"{self.activation!r}"
             )
         for name in ("n_layers", "d_model", "n_heads", "vocab_size", "max_seq_len"):
             if getattr(self, name) <= 0:
@@ -170,10 +181,23 @@ class PhaseConfig:
     seq_len: int = 512
     micro_batch: int = 8
     grad_accum: int = 1
-    optimizer: str = "adamw"  # "adamw" or "adafactor"
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine floor = lr * min_lr_ratio
+    # "adamw"; "muon": Muon (batched Newton-Schulz) on the blocks' matrices and AdamW on the
+    # embedding, head and norms; "adafactor": torch's Adafactor (least optimizer memory).
+    optimizer: str = "adamw"
+    lr: float = 3e-4  # peak LR (muon: Muon's, scaled per matrix by muon_adjust_lr)
+    min_lr_ratio: float = 0.1  # schedule floor = lr * min_lr_ratio
     warmup_frac: float = 0.03
+    # "cosine": warmup, then cosine to the floor; "wsd": warmup, constant, then a linear decay to
+    # the floor over the last decay_frac of the steps (warmup-stable-decay).
+    schedule: str = "cosine"
+    decay_frac: float = 0.2
+    # muon: peak LR of the AdamW-trained parameters (embedding, head, norms); 0 = lr.
+    adamw_lr: float = 0.0
+    muon_momentum: float = 0.95  # Nesterov momentum of the Muon update
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per step
+    # Per-matrix LR scaling: "match_rms_adamw" (0.2 * sqrt(max(A, B)): AdamW-sized lr and weight
+    # decay carry over) or "original" (sqrt(max(1, A/B)), Keller Jordan's; lr ~0.02).
+    muon_adjust_lr: str = "match_rms_adamw"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -207,6 +231,25 @@ class PhaseConfig:
     # spike (> spike_factor x its running mean; 0 = off), halve the LR and double the warmup.
     max_rollbacks: int = 3
     spike_factor: float = 0.0
+
+    def _validate_recipe(self, where: str) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"{where}.schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}"
+            )
+        if not 0.0 < self.decay_frac <= 1.0:
+            raise ConfigError(f"{where}.decay_frac must be in (0, 1], got {self.decay_frac}")
+        if self.adamw_lr < 0:
+            raise ConfigError(f"{where}.adamw_lr must be >= 0 (0 = lr), got {self.adamw_lr}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ConfigError(f"{where}.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not 1 <= self.muon_ns_steps < 100:
+            raise ConfigError(f"{where}.muon_ns_steps must be in 1..99, got {self.muon_ns_steps}")
+        if self.muon_adjust_lr not in ("match_rms_adamw", "original"):
+            raise ConfigError(
+                f"{where}.muon_adjust_lr must be match_rms_adamw or original, not "
+                f"{self.muon_adjust_lr!r}"
+            )
 
     @property
     def tokens_per_step(self) -> int:
@@ -258,10 +301,12 @@ class PhaseConfig:
             raise ConfigError(f"{where}.warmup_frac must be in [0, 1), got {self.warmup_frac}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"{where}.val_fraction must be in (0, 0.5), got {self.val_fraction}")
-        if self.optimizer not in ("adamw", "adafactor"):
+        if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
-                f"{where}.optimizer must be adamw or adafactor, not {self.optimizer!r}"
+                f"{where}.optimizer must be one of {', '.join(OPTIMIZERS)}, not "
+                f"{self.optimizer!r}"
             )
+        self._validate_recipe(where)
         for name in (
             "eval_every",
             "save_every",
@@ -371,6 +416,11 @@ class RunConfig:
                 raise ConfigError(
                     f"phases[{i}].seq_len ({phase.seq_len}) exceeds model.max_seq_len "
                     f"({self.model.max_seq_len})"
+                )
+            if phase.optimizer == "muon" and self.train.parallel == "fsdp2":
+                raise ConfigError(
+                    f"phases[{i}].optimizer = 'muon' orthogonalises whole matrices, which "
+                    "train.parallel = 'fsdp2' shards: use parallel = 'ddp' or optimizer 'adamw'"
                 )
         if self.train.device not in ("auto", "cpu", "cuda", "mps"):
             raise ConfigError(

@@ -20,7 +20,13 @@ Which ``transformers`` class, and why (checked against the ``transformers`` sour
   RoPE, separate bias-free q/k/v/o projections (deeplm's head layout is theirs) and the gated MLP
   ``down(silu(gate(x)) * up(x))`` without biases (deeplm's ``up`` rows are ``[gate | up]``).
 
-Both are exact (logits equal within fp32 rounding: tested). Any other activation is refused.
+* ``activation = "relu2"`` -> ``GPTNeoXForCausalLM`` as for gelu, with ``hidden_act="relu2"``
+  (``transformers``' ``ReLUSquaredActivation``: ``relu(x)**2``).
+* ``qk_norm`` -> StableLM's ``qk_layernorm=True`` (a bias-free LayerNorm per head on q and k
+  before RoPE; deeplm's ``[n_heads, head_dim]`` weight row ``h`` is ``norms.h.weight``). GPT-NeoX
+  has no such norm, so ``qk_norm`` exports only with ``activation = "swiglu"``.
+
+All are exact (logits equal within fp32 rounding: tested). Anything else is refused.
 
 An export folder holds ``config.json``, ``model.safetensors``, ``generation_config.json`` and the
 tokenizer (``tokenizer.json`` byte-identical to the run's, ``tokenizer_config.json`` with the chat
@@ -47,8 +53,12 @@ from deeplm.config import ModelConfig
 from deeplm.model.transformer import Transformer, mlp_hidden_dim
 from deeplm.tokenizer import Tokenizer
 
-ARCHITECTURES = {"gelu": "GPTNeoXForCausalLM", "swiglu": "StableLmForCausalLM"}
-MODEL_TYPES = {"gelu": "gpt_neox", "swiglu": "stablelm"}
+ARCHITECTURES = {
+    "gelu": "GPTNeoXForCausalLM",
+    "relu2": "GPTNeoXForCausalLM",
+    "swiglu": "StableLmForCausalLM",
+}
+MODEL_TYPES = {"gelu": "gpt_neox", "relu2": "gpt_neox", "swiglu": "stablelm"}
 HF_FILES = (
     "config.json",
     "model.safetensors",
@@ -73,6 +83,11 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dic
         raise ExportError(
             f"no transformers class matches activation {cfg.activation!r} exactly "
             f"(supported: {', '.join(ARCHITECTURES)})"
+        )
+    if cfg.qk_norm and cfg.activation != "swiglu":
+        raise ExportError(
+            f"qk_norm with activation {cfg.activation!r}: GPT-NeoX has no QK-norm; only "
+            "activation = 'swiglu' (StableLM, qk_layernorm) exports a QK-norm model exactly"
         )
     theta = float(cfg.rope_theta)
     end_id = tokenizer.token_to_id("<|end|>")
@@ -107,9 +122,9 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dic
         # Everything needed to rebuild the deeplm model exactly (import_hf reads it).
         "deeplm": {"model": _model_dict(cfg), "end_token_id": end_id},
     }
-    if cfg.activation == "gelu":
+    if cfg.activation in ("gelu", "relu2"):
         common |= {
-            "hidden_act": "gelu",
+            "hidden_act": cfg.activation,
             "attention_bias": False,
             "rotary_pct": 1.0,
             "rotary_emb_base": theta,
@@ -120,7 +135,7 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dic
             "hidden_act": "silu",
             "num_key_value_heads": cfg.n_heads,
             "use_qkv_bias": False,
-            "qk_layernorm": False,
+            "qk_layernorm": bool(cfg.qk_norm),
         }
     return common
 
@@ -155,7 +170,7 @@ def to_hf_state_dict(model: Transformer) -> dict[str, Tensor]:
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     hidden = mlp_hidden_dim(cfg)
     out: dict[str, Tensor] = {}
-    if cfg.activation == "gelu":
+    if cfg.activation in ("gelu", "relu2"):
         p = "gpt_neox."
         out[p + "embed_in.weight"] = sd["tok_emb.weight"]
         for i in range(cfg.n_layers):
@@ -190,6 +205,10 @@ def to_hf_state_dict(model: Transformer) -> dict[str, Tensor]:
             out[t + "self_attn.k_proj.weight"] = qkv[d : 2 * d]
             out[t + "self_attn.v_proj.weight"] = qkv[2 * d :]
             out[t + "self_attn.o_proj.weight"] = sd[s + "attn.proj.weight"]
+            if cfg.qk_norm:
+                for n in ("q", "k"):
+                    for h, row in enumerate(sd[f"{s}attn.{n}_norm.weight"]):
+                        out[f"{t}self_attn.{n}_layernorm.norms.{h}.weight"] = row
             up = sd[s + "mlp.up.weight"]
             out[t + "mlp.gate_proj.weight"] = up[:hidden]
             out[t + "mlp.up_proj.weight"] = up[hidden:]
@@ -223,7 +242,7 @@ def from_hf_state_dict(hf: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Ten
     sd = dict(hf)
     out: dict[str, Tensor] = {}
     hidden = mlp_hidden_dim(cfg)
-    if cfg.activation == "gelu":
+    if cfg.activation in ("gelu", "relu2"):
         p = "gpt_neox."
         out["tok_emb.weight"] = _take(sd, p + "embed_in.weight")
         for i in range(cfg.n_layers):
@@ -256,6 +275,13 @@ def from_hf_state_dict(hf: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Ten
                 [_take(sd, f"{t}self_attn.{n}_proj.weight") for n in ("q", "k", "v")], dim=0
             )
             out[s + "attn.proj.weight"] = _take(sd, t + "self_attn.o_proj.weight")
+            if cfg.qk_norm:
+                for n in ("q", "k"):
+                    rows = [
+                        _take(sd, f"{t}self_attn.{n}_layernorm.norms.{h}.weight")
+                        for h in range(cfg.n_heads)
+                    ]
+                    out[f"{s}attn.{n}_norm.weight"] = torch.stack(rows)
             gate = _take(sd, t + "mlp.gate_proj.weight")
             up = _take(sd, t + "mlp.up_proj.weight")
             if gate.size(0) != hidden:
@@ -381,12 +407,10 @@ def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
     if theta is None:
         problems.append("no rope_theta")
     act = config.get("hidden_act")
-    want_act = "gelu" if mtype == "gpt_neox" else "silu"
-    if act != want_act:
-        problems.append(f"hidden_act must be {want_act!r}, not {act!r}")
+    want_act = ("gelu", "relu2") if mtype == "gpt_neox" else ("silu",)
+    if act not in want_act:
+        problems.append(f"hidden_act must be {' or '.join(map(repr, want_act))}, not {act!r}")
     if mtype == "stablelm":
-        if config.get("qk_layernorm"):
-            problems.append("qk_layernorm is not supported")
         if config.get("use_qkv_bias"):
             problems.append("use_qkv_bias is not supported")
         kv = config.get("num_key_value_heads", config.get("num_attention_heads"))
@@ -406,7 +430,8 @@ def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
         norm_eps=float(config.get("layer_norm_eps", 1e-5)),
         rope_theta=float(theta),  # type: ignore[arg-type]
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        activation="gelu" if mtype == "gpt_neox" else "swiglu",
+        activation=act if mtype == "gpt_neox" else "swiglu",
+        qk_norm=bool(config.get("qk_layernorm", False)) if mtype == "stablelm" else False,
         grad_checkpointing=False,
     )
     cfg = ModelConfig(**base)
@@ -414,7 +439,7 @@ def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
     inter = int(config["intermediate_size"])
     if inter != mlp_hidden_dim(cfg):
         # deeplm derives the MLP width from mlp_ratio; find the ratio that reproduces it.
-        ratio = inter / cfg.d_model if cfg.activation == "gelu" else inter * 1.5 / cfg.d_model
+        ratio = inter / cfg.d_model if cfg.activation != "swiglu" else inter * 1.5 / cfg.d_model
         cfg.mlp_ratio = ratio
         if mlp_hidden_dim(cfg) != inter:
             raise ExportError(

@@ -12,14 +12,17 @@ Architecture:
   owns rows ``h*head_dim:(h+1)*head_dim``), RoPE (rotate-half, see :mod:`deeplm.model.rope`) on
   q and k, ``F.scaled_dot_product_attention`` (causal, ``attn_dropout`` in training), output
   projection ``Linear(d, d)``.
+* ``qk_norm``: q and k each go through a per-head LayerNorm without bias (weight
+  ``[n_heads, head_dim]``, StableLM's ``qk_layernorm``) before RoPE.
 * MLP: ``gelu``: ``Linear(d, h) -> exact GELU (erf, F.gelu default) -> Linear(h, d)`` with
-  ``h = int(mlp_ratio * d)``. ``swiglu``: ``Linear(d, 2h)`` whose output splits as
-  ``[gate | up]``, ``silu(gate) * up -> Linear(h, d)`` with
-  ``h = round(mlp_ratio * d * 2/3 / 8) * 8`` (Python ``round``), which keeps the parameter count
-  close to the GELU MLP's.
+  ``h = int(mlp_ratio * d)``; ``relu2``: the same with ``relu(x)**2`` (squared ReLU).
+  ``swiglu``: ``Linear(d, 2h)`` whose output splits as ``[gate | up]``,
+  ``silu(gate) * up -> Linear(h, d)`` with ``h = round(mlp_ratio * d * 2/3 / 8) * 8`` (Python
+  ``round``), which keeps the parameter count close to the GELU MLP's.
 * init: every Linear / Embedding weight ~ N(0, init_std); the residual output projections
   (attention ``proj`` and MLP ``down``, marked ``residual_proj = True``) ~
-  N(0, init_std / sqrt(2 * n_layers)); LayerNorm weight 1, bias 0.
+  N(0, init_std / sqrt(2 * n_layers)), or zero with ``zero_init_residual``; LayerNorm weight 1,
+  bias 0.
 
 Logits are returned in float32; the loss is float32 cross-entropy with ``ignore_index=-100``.
 """
@@ -79,6 +82,19 @@ class KVCache:
         return ck[:, :, :end], cv[:, :, :end]
 
 
+class HeadNorm(nn.Module):
+    """LayerNorm over each head's ``head_dim`` with a per-head weight and no bias."""
+
+    def __init__(self, n_heads: int, head_dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
+
+    def forward(self, x: Tensor) -> Tensor:  # x [..., n_heads, head_dim]
+        y = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -91,6 +107,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.proj.residual_proj = True  # type: ignore[assignment]
         self.resid_drop = _dropout(cfg.resid_dropout)
+        self.q_norm = HeadNorm(cfg.n_heads, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = HeadNorm(cfg.n_heads, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
         self,
@@ -102,6 +120,9 @@ class CausalSelfAttention(nn.Module):
     ) -> Tensor:
         b, t, _ = x.shape
         qkv = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            qn, kn = self.q_norm(qkv[:, :, 0]), self.k_norm(qkv[:, :, 1])
+            qkv = torch.stack((qn, kn, qkv[:, :, 2]), dim=2)
         # q and k rotated together, in the projection's [B, T, (q|k), H, hd] layout
         cos = cos.to(qkv.dtype).view(t, 1, 1, self.head_dim)
         sin = sin.to(qkv.dtype).view(t, 1, 1, self.head_dim)
@@ -142,6 +163,8 @@ class MLP(nn.Module):
         if self.activation == "swiglu":
             gate, up = h.split(self.hidden, dim=-1)
             h = F.silu(gate) * up
+        elif self.activation == "relu2":
+            h = F.relu(h).square()
         else:
             h = F.gelu(h)
         return self.resid_drop(self.down(h))
@@ -219,8 +242,11 @@ class Transformer(nn.Module):
             if m is self.lm_head and self.cfg.tie_embeddings:
                 continue  # shares the embedding's weight, initialised once below
             if isinstance(m, nn.Linear):
-                s = resid_std if getattr(m, "residual_proj", False) else std
-                nn.init.normal_(m.weight, mean=0.0, std=s)
+                residual = getattr(m, "residual_proj", False)
+                if residual and self.cfg.zero_init_residual:
+                    nn.init.zeros_(m.weight)
+                    continue
+                nn.init.normal_(m.weight, mean=0.0, std=resid_std if residual else std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
@@ -229,6 +255,8 @@ class Transformer(nn.Module):
                 nn.init.ones_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+            elif isinstance(m, HeadNorm):
+                nn.init.ones_(m.weight)
         self.rope.reset_parameters()
 
     def set_frozen_layers(self, n: int) -> None:

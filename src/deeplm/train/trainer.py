@@ -577,7 +577,9 @@ class PhaseTrainer:
                 self.model.set_frozen_layers(n_frozen)
 
             warmup = min(0.5, phase.warmup_frac * self.warmup_scale)
-            lr = self.lr_scale * lr_at(step, total, phase.lr, warmup, phase.min_lr_ratio)
+            lr = self.lr_scale * lr_at(
+                step, total, phase.lr, warmup, phase.min_lr_ratio, phase.schedule, phase.decay_frac
+            )
             set_lr(self.optimizer, lr)
             for _ in range(phase.grad_accum):
                 x, y = self.loader.next_batch()
