@@ -298,8 +298,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from deeplm.serve import serve
+    from deeplm.serve import Limits, serve
 
+    limits = Limits(
+        max_batch=args.max_batch,
+        queue_size=args.queue_size,
+        request_timeout=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
+        keep_alive_timeout=args.keep_alive_timeout,
+        max_connections=args.max_connections,
+    )
+    limits.check()
     lm = _load_model(args)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}, reachable from other machines", file=sys.stderr)
@@ -311,8 +320,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("DEEPLM_API_KEY") or None,
         quiet=args.quiet,
         log=lambda s: print(s, flush=True),
+        limits=limits,
     )
     return 0
+
+
+def _serve_limit_args(p: argparse.ArgumentParser) -> None:
+    """The server's limits (defaults: :class:`deeplm.serve.Limits`)."""
+    p.add_argument(
+        "--max-batch", type=int, default=8, help="sequences generated at a time, in one batch"
+    )
+    p.add_argument(
+        "--queue-size", type=int, default=64, help="sequences that may wait; beyond: 429"
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a request may wait and generate (queued past it: 503)",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)"
+    )
+    p.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=5.0,
+        help="seconds before an idle connection is closed",
+    )
+    p.add_argument(
+        "--max-connections", type=int, default=256, help="open connections at most (503 beyond)"
+    )
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -424,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model id clients use (default: the run's name)")
     p.add_argument("--api-key", help="require this bearer key (or set DEEPLM_API_KEY)")
     p.add_argument("--quiet", action="store_true", help="no access log")
+    _serve_limit_args(p)
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("presets", help="list presets with their exact parameter counts")
