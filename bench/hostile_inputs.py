@@ -382,6 +382,105 @@ def case_wrong_typed_config_on_finished_run(ctx: Ctx) -> str:
     return f"error: {err.strip().splitlines()[-1][:110]}"
 
 
+def case_config_nan_lr(ctx: Ctx) -> str:
+    return _config_case(ctx, lambda t: t.replace("lr = 0.003", "lr = nan"), "phases.0.lr", "finite")
+
+
+def case_config_inf_lr(ctx: Ctx) -> str:
+    return _config_case(ctx, lambda t: t.replace("lr = 0.003", "lr = inf"), "phases.0.lr", "finite")
+
+
+def case_config_negative_min_chars(ctx: Ctx) -> str:
+    def edit(text: str) -> str:
+        return text.replace("chunk_chars = 4000", "chunk_chars = 4000\nmin_chars = -5")
+
+    return _config_case(ctx, edit, "clean.min_chars")
+
+
+def _cli_error(*argv: str, needles: tuple[str, ...]) -> str:
+    """``deeplm <argv>`` in-process: exit 2 with every needle in the message, no traceback."""
+    rc, err = cli(*argv)
+    if rc != 2 or any(n not in err for n in needles) or "Traceback" in err:
+        raise NotHandled(f"exit {rc}, stderr {err.strip()[-300:]!r}")
+    return f"error: {err.strip().splitlines()[-1][:110]}"
+
+
+def case_set_nan_lr(ctx: Ctx) -> str:
+    run = str(ctx.tmp / "run")
+    return _cli_error(
+        "run", "--preset", "tiny", "--set", "phases.0.lr=nan", "--run-dir", run,
+        needles=("phases.0.lr", "finite"),
+    )  # fmt: skip
+
+
+def case_run_dir_is_a_file(ctx: Ctx) -> str:
+    path = ctx.tmp / "a-file"
+    path.write_text("not a folder\n")
+    return _cli_error(
+        "run", "--config", str(write_config(ctx)), "--run-dir", str(path),
+        needles=(str(path), "is a file"),
+    )  # fmt: skip
+
+
+def case_run_dir_empty(ctx: Ctx) -> str:
+    cfg = str(write_config(ctx))
+    return _cli_error("run", "--config", cfg, "--run-dir", "", needles=("--run-dir", "empty"))
+
+
+def case_generate_nan_temperature(ctx: Ctx) -> str:
+    run = str(ctx.finished_run)
+    return _cli_error(
+        "generate", "--run-dir", run, "--prompt", "The", "--temperature", "nan",
+        needles=("--temperature",),
+    )  # fmt: skip
+
+
+def case_generate_huge_max_new_tokens(ctx: Ctx) -> str:
+    run = str(ctx.finished_run)
+    return _cli_error(
+        "generate", "--run-dir", run, "--prompt", "The", "--max-new-tokens", "100000",
+        needles=("--max-new-tokens", "100000"),
+    )  # fmt: skip
+
+
+def _copy_of_finished_run(ctx: Ctx) -> Path:
+    copy = ctx.tmp / "run"
+    shutil.copytree(ctx.finished_run, copy, ignore=shutil.ignore_patterns(".lock"))
+    return copy
+
+
+def case_garbage_state_db(ctx: Ctx) -> str:
+    """state.db overwritten with garbage (WAL files gone): a clear error from status and run,
+    then ``--rebuild-state`` rebuilds the state from the files and the run finishes again."""
+    run = _copy_of_finished_run(ctx)
+    for extra in run.glob("state.db-*"):
+        extra.unlink()
+    (run / "state.db").write_bytes(b"garbage " * 512)
+    cfg = str(write_config(ctx))
+    _cli_error("status", "--run-dir", str(run), needles=("state.db", "--rebuild-state"))
+    detail = _cli_error(
+        "prepare", "--config", cfg, "--run-dir", str(run), needles=("state.db", "damaged")
+    )
+    rc, err = cli("prepare", "--config", cfg, "--run-dir", str(run), "--rebuild-state")
+    if rc != 0 or not list(run.glob("state.db.corrupt-*")):
+        raise NotHandled(f"--rebuild-state: exit {rc}, stderr {err.strip()[-300:]!r}")
+    rc, err = cli("status", "--run-dir", str(run))
+    if rc != 0:
+        raise NotHandled(f"status after the rebuild: exit {rc}, {err.strip()[-200:]!r}")
+    return detail + "; rebuilt"
+
+
+def case_invalid_config_json(ctx: Ctx) -> str:
+    """config.json of a run made invalid JSON: status names the file; a run repairs it."""
+    run = _copy_of_finished_run(ctx)
+    (run / "config.json").write_text('{"name": "x", oops}')
+    detail = _cli_error("status", "--run-dir", str(run), needles=("config.json", "damaged"))
+    rc, err = cli("prepare", "--config", str(write_config(ctx)), "--run-dir", str(run))
+    if rc != 0 or cli("status", "--run-dir", str(run))[0] != 0:
+        raise NotHandled(f"the repair run: exit {rc}, stderr {err.strip()[-300:]!r}")
+    return detail + "; repaired by the next run"
+
+
 CASES: dict[str, Callable[[Ctx], str]] = {
     name[len("case_") :]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")
 }

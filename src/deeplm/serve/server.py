@@ -507,7 +507,9 @@ async def _completions(svc: ModelService, req: CompletionRequest) -> Any:
     run = svc.submit(specs, s, chat=False)
     echo = bool(req.echo)
     if s.stream:
-        return await _stream_response(run, _completion_chunks(run, base, texts, echo, s, prompt_tokens))
+        return await _stream_response(
+            run, _completion_chunks(run, base, texts, echo, s, prompt_tokens)
+        )
     out = {i: texts[i] if echo else "" for i in texts}
     finish, completion_tokens = {}, 0
     async for event in run.events():
@@ -572,9 +574,7 @@ async def _chat(svc: ModelService, req: ChatRequest) -> Any:
     return base | {"choices": choices, "usage": _usage(len(ids) * s.n, completion_tokens)}
 
 
-async def _chat_chunks(
-    run: Run, base: dict, s: Sampling, prompt_tokens: int
-) -> AsyncIterator[str]:
+async def _chat_chunks(run: Run, base: dict, s: Sampling, prompt_tokens: int) -> AsyncIterator[str]:
     for i in range(s.n):
         yield _sse(base | {"choices": [_dchoice(i, {"role": "assistant", "content": ""}, None)]})
     completion_tokens = 0
@@ -644,6 +644,7 @@ class DeeplmServer:
         except OSError as exc:
             self.sock.close()
             raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        self.sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
         self.host, self.port = self.sock.getsockname()[:2]
         limits = service.limits
         config = uvicorn.Config(

@@ -623,6 +623,15 @@ def run_stage(ctx: RunContext, spec: StageSpec) -> dict[str, Any]:
     return fn(ctx) if spec.arg is None else fn(ctx, spec.arg)
 
 
+def corrupt_checkpoint_warnings(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """One line per checkpoint of the run moved aside as corrupted (none: an empty list)."""
+    out = []
+    for i, phase in enumerate(cfg.phases):
+        for path, reason in ckpt.corrupt_checkpoints(phase_dir(run_dir, i, phase)):
+            out.append(f"checkpoint {path} is corrupt and not used ({reason})")
+    return out
+
+
 def latest_model_checkpoint(run_dir: Path, cfg: RunConfig) -> Path | None:
     """The newest complete checkpoint of the latest phase that has one."""
     for i in reversed(range(len(cfg.phases))):
