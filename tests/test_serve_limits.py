@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,7 +22,7 @@ import pytest
 from deeplm.export import load_model
 from deeplm.model.generate import generate_text
 from deeplm.serve import Limits, make_server
-from tests.finished_run import RUN_NAME, micro_run, one_thread
+from tests.finished_run import RUN_NAME, cli_env, micro_run, one_thread
 
 openai = pytest.importorskip("openai")
 
@@ -27,8 +32,13 @@ LIMITS = Limits(
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory):
-    return load_model(run_dir=micro_run(tmp_path_factory), device="cpu")
+def run_dir(tmp_path_factory):
+    return micro_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def local(run_dir):
+    return load_model(run_dir=run_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +149,42 @@ def test_concurrent_greedy_equals_unbatched(server, local) -> None:
         model=RUN_NAME, prompt=prompts[1], max_tokens=20, temperature=0, stream=True
     )
     assert "".join(c.choices[0].text for c in chunks) == alone[1]
+
+
+def test_sigterm_finishes_running_requests_then_exits(run_dir) -> None:
+    """Graceful shutdown: a stream in progress at SIGTERM still ends with every choice."""
+    cmd = [sys.executable, "-m", "deeplm.cli", "serve", "--run-dir", str(run_dir), "--port", "0"]
+    proc = subprocess.Popen(
+        [*cmd, "--max-batch", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        url = None
+        for line in proc.stdout:
+            if m := re.search(r"on (http://127\.0\.0\.1:\d+/v1)", line):
+                url = m.group(1)
+                break
+        assert url, "the server did not start"
+        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
+        stream = client.completions.create(
+            model=RUN_NAME, prompt="The", max_tokens=50, n=8, stream=True, temperature=1.0
+        )
+        finished, signalled = {}, False
+        for chunk in stream:
+            if not signalled:
+                proc.send_signal(signal.SIGTERM)
+                signalled = True
+            for choice in chunk.choices:
+                if choice.finish_reason:
+                    finished[choice.index] = choice.finish_reason
+        assert sorted(finished) == list(range(8))
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -628,6 +628,16 @@ class IdleTimeoutProtocol(H11Protocol):
         self.handle_events()
 
 
+class _UvicornServer(uvicorn.Server):
+    """uvicorn's server; after a graceful stop on Ctrl-C / SIGTERM the process exits normally
+    (uvicorn would raise the signal again once shut down)."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        if hasattr(self, "_captured_signals"):
+            self._captured_signals.clear()
+
+
 class DeeplmServer:
     """A bound uvicorn server for one model: :meth:`run` (blocking, stops on Ctrl-C/SIGTERM)
     or :meth:`start` / :meth:`stop` (in a background thread, for tests and benchmarks)."""
@@ -641,9 +651,10 @@ class DeeplmServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.sock.bind((host, port))
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:  # OverflowError: a port over 65535
             self.sock.close()
-            raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise RuntimeError(f"cannot listen on {host}:{port}: {reason}") from None
         self.sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
         self.host, self.port = self.sock.getsockname()[:2]
         limits = service.limits
@@ -657,7 +668,7 @@ class DeeplmServer:
             limit_concurrency=limits.max_connections,
             timeout_graceful_shutdown=limits.graceful_timeout,  # type: ignore[arg-type]
         )
-        self.server = uvicorn.Server(config)
+        self.server = _UvicornServer(config)
         self._thread: threading.Thread | None = None
 
     @property
