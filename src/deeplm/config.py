@@ -346,7 +346,6 @@ class RunConfig:
     base_dir: str = ""
 
     def validate(self) -> None:
-        check_numbers(self)
         self.model.validate()
         if self.tokenizer.vocab_size != self.model.vocab_size:
             raise ConfigError(
@@ -399,6 +398,7 @@ class RunConfig:
                     "train.rdzv_endpoint must be 'host:port' of node 0 when train.nodes > 1, "
                     f"got {t.rdzv_endpoint!r}"
                 )
+        check_numbers(self)  # last: the specific checks above give the more specific message
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
