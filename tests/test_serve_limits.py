@@ -118,6 +118,21 @@ def test_idle_connections_are_closed(server) -> None:
             s.close()
 
 
+def test_body_that_never_arrives_is_408(local) -> None:
+    limits = Limits(request_timeout=1.0, graceful_timeout=1)
+    with one_thread():
+        srv = make_server(local, port=0, quiet=True, limits=limits)
+        srv.start()
+        try:
+            head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+            start = time.monotonic()
+            answer = _raw(srv, head + b'{"model": ')  # then silence
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+            assert time.monotonic() - start < 8
+        finally:
+            srv.stop()
+
+
 def test_full_queue_answers_429_with_retry_after(server) -> None:
     # 3 prompts x 8 choices: more sequences than the queue holds
     body = {"model": RUN_NAME, "prompt": ["The", "A", "It"], "max_tokens": 2, "n": 8}

@@ -10,9 +10,10 @@ server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), and 
 * Errors are OpenAI-style JSON (``{"error": {"message", "type", "param", "code"}}``): 400 for
   bad parameters, malformed or too deeply nested JSON and prompts over the context window
   (``code: context_length_exceeded``), 401 for a wrong key, 404 for an unknown model or path,
-  411 for a body without a length, 413 for a body over ``max_body_bytes``, 429 with
-  ``Retry-After`` when the generation queue is full, 503 when a request waited in the queue
-  past ``request_timeout``. Malformed HTTP (e.g. ``Content-Length: -1``) gets uvicorn's 400.
+  408 for a body not sent within ``request_timeout``, 411 for a body without a length, 413
+  for a body over ``max_body_bytes``, 429 with ``Retry-After`` when the generation queue is
+  full, 503 when a request waited in the queue past ``request_timeout``. Malformed HTTP (e.g.
+  ``Content-Length: -1``) gets uvicorn's 400.
 * Limits (:class:`Limits`, each a ``deeplm serve`` flag): ``max_batch`` sequences are decoded
   at a time, together in one batch, and ``queue_size`` more may wait
   (:mod:`deeplm.serve.scheduler`); ``request_timeout`` bounds a request's time in the queue and
@@ -397,8 +398,19 @@ async def _stream_response(run: Run, chunks: AsyncIterator[str]) -> StreamingRes
 # ---------------------------------------------------------------------------- HTTP
 
 
-async def _read_json(request: Request, max_bytes: int) -> dict[str, Any]:
-    """The request's JSON object; 411/413/400 for a missing length, a big or a bad body."""
+async def _read_json(request: Request, limits: Limits) -> dict[str, Any]:
+    """The request's JSON object; 411/413/400 for a missing length, a big or a bad body, 408
+    for a body that does not arrive within ``request_timeout``."""
+    try:
+        return await asyncio.wait_for(
+            _read_json_body(request, limits.max_body_bytes), limits.request_timeout
+        )
+    except TimeoutError:
+        msg = f"the request body did not arrive within {limits.request_timeout:g} s"
+        raise APIError(408, msg, headers={"Connection": "close"}) from None
+
+
+async def _read_json_body(request: Request, max_bytes: int) -> dict[str, Any]:
     length = request.headers.get("content-length")
     chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
     if length is None and not chunked:
@@ -473,12 +485,12 @@ def build_app(svc: ModelService, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        body = await _read_json(request, svc.limits.max_body_bytes)
+        body = await _read_json(request, svc.limits)
         return await _completions(svc, _validate(CompletionRequest, body))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        body = await _read_json(request, svc.limits.max_body_bytes)
+        body = await _read_json(request, svc.limits)
         return await _chat(svc, _validate(ChatRequest, body))
 
     return app
