@@ -9,7 +9,7 @@ import torch
 
 from deeplm.config import config_from_dict
 from deeplm.model.batched import SlotCache, decode_step, prefill
-from deeplm.model.generate import generate
+from deeplm.model.generate import TextAssembler, generate
 from deeplm.model.transformer import Transformer
 from deeplm.serve.scheduler import Job, QueueFull, Scheduler
 from tests.finished_run import one_thread
@@ -31,20 +31,6 @@ def _greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
     return generate(model, torch.tensor([prompt]), n, temperature=0)[0, len(prompt) :].tolist()
 
 
-class _Tokens:
-    """Collects a job's token ids through a minimal assembler (no tokenizer needed)."""
-
-    def __init__(self) -> None:
-        self.done = False
-        self.finish_reason = None
-
-    def feed(self, tok: int) -> str:
-        return ""
-
-    def finish(self) -> str:
-        return ""
-
-
 def test_decode_step_equals_unbatched_greedy() -> None:
     model = _model()
     n = 16
@@ -53,8 +39,8 @@ def test_decode_step_equals_unbatched_greedy() -> None:
         cache = SlotCache(model, len(PROMPTS))
         out = [[int(prefill(model, cache, r, p).argmax())] for r, p in enumerate(PROMPTS)]
         for _ in range(n - 1):
-            tokens = torch.tensor([o[-1] for o in out])
-            positions = torch.tensor([len(p) + len(o) - 1 for p, o in zip(PROMPTS, out)])
+            tokens = [o[-1] for o in out]
+            positions = [len(p) + len(o) - 1 for p, o in zip(PROMPTS, out)]
             logits = decode_step(model, cache, tokens, positions)
             for o, row in zip(out, logits):
                 o.append(int(row.argmax()))
@@ -62,11 +48,12 @@ def test_decode_step_equals_unbatched_greedy() -> None:
     assert len({tuple(r) for r in ref}) > 1
 
 
-def _job(prompt: list[int], max_new: int, events: list, deadline: float = 60.0) -> Job:
+def _job(prompt: list[int], max_new: int, events: list, tok=None, deadline: float = 60.0) -> Job:
+    """A job whose text is decoded with ``tok`` (no stop tokens: it runs to ``max_new``)."""
     return Job(
         prompt=prompt,
         max_new=max_new,
-        assembler=_Tokens(),  # type: ignore[arg-type]
+        assembler=TextAssembler(tok, None, stop_token_ids=[]) if tok else None,  # type: ignore
         emit=events.append,
         deadline=time.monotonic() + deadline,
     )
@@ -79,11 +66,12 @@ def _wait(events: list[list], timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def test_scheduler_batches_and_matches_greedy() -> None:
+def test_scheduler_batches_and_matches_greedy(corpus) -> None:
     model = _model()
+    tok = corpus["tokenizer"]
     sched = Scheduler(model, max_batch=2, queue_size=8)  # 4 jobs: rows are reused
     events: list[list] = [[] for _ in PROMPTS]
-    jobs = [_job(p, 5 + 3 * i, events[i]) for i, p in enumerate(PROMPTS)]
+    jobs = [_job(p, 5 + 3 * i, events[i], tok) for i, p in enumerate(PROMPTS)]
     sched.submit(jobs)  # queued before the worker starts: the first step is a batch of 2
     with one_thread():
         sched.start()
@@ -93,7 +81,9 @@ def test_scheduler_batches_and_matches_greedy() -> None:
             sched.stop()
         for job, ev in zip(jobs, events):
             assert job.tokens == _greedy(model, job.prompt, job.max_new)
-            assert ev[-1] == ("done", "length", job.max_new)
+            text = "".join(e[1] for e in ev if e[0] == "piece")
+            assert ev[-1] == ("done", "length", job.max_new, text)
+            assert text == tok.decode(job.tokens, skip_special_tokens=True)
 
 
 def test_queue_bound_deadline_and_cancel() -> None:
@@ -101,8 +91,8 @@ def test_queue_bound_deadline_and_cancel() -> None:
     sched = Scheduler(model, max_batch=1, queue_size=2)
     late: list = []
     cancelled: list = []
-    sched.submit([_job([1, 2], 4, late, deadline=-1.0)])
-    gone = _job([1, 2], 50, cancelled)
+    sched.submit([_job([1, 2], 4, late, deadline=-1.0)])  # never started: no assembler
+    gone = _job([1, 2], 50, cancelled)  # cancelled before it starts
     gone.cancel()
     sched.submit([gone])
     try:

@@ -60,25 +60,27 @@ def prefill(model: Transformer, cache: SlotCache, row: int, prompt_ids: list[int
 
 
 @torch.no_grad()
-def decode_step(model: Transformer, cache: SlotCache, tokens: Tensor, positions: Tensor) -> Tensor:
+def decode_step(
+    model: Transformer, cache: SlotCache, tokens: list[int], positions: list[int]
+) -> Tensor:
     """Feed token ``tokens[i]`` at position ``positions[i]`` to slot ``i`` for ``i < B``
     (``B = len(tokens)``) and return the float32 logits ``[B, V]`` of the next tokens.
 
     Slot ``i`` must hold the keys/values of positions ``0 .. positions[i]-1``."""
-    b = tokens.size(0)
+    b, end = len(tokens), max(positions) + 1
+    if end > cache.max_len or len(positions) != b:
+        raise ValueError(f"{b} tokens at positions up to {end - 1} (max_seq_len {cache.max_len})")
     device = model.tok_emb.weight.device
-    tokens, positions = tokens.to(device), positions.to(device)
-    if int(positions.max()) >= cache.max_len:
-        raise ValueError(f"position {int(positions.max())} >= max_seq_len {cache.max_len}")
-    x = model.embd_drop(model.tok_emb(tokens[:, None]))  # [B, 1, d]
+    idx = torch.tensor(tokens, dtype=torch.long, device=device)
+    pos = torch.tensor(positions, dtype=torch.long, device=device)
+    x = model.embd_drop(model.tok_emb(idx[:, None]))  # [B, 1, d]
     hd = model.cfg.head_dim
-    cos = model.rope.cos_cached[positions].to(x.dtype).view(b, 1, 1, 1, hd)
-    sin = model.rope.sin_cached[positions].to(x.dtype).view(b, 1, 1, 1, hd)
-    end = int(positions.max()) + 1
+    cos = model.rope.cos_cached[pos].to(x.dtype).view(b, 1, 1, 1, hd)
+    sin = model.rope.sin_cached[pos].to(x.dtype).view(b, 1, 1, 1, hd)
     mask = None  # same position everywhere: every cached key is visible, as unbatched
-    if int(positions.min()) + 1 != end:
+    if min(positions) + 1 != end:
         keys = torch.arange(end, device=device)
-        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, end]
+        mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, end]
     rows = torch.arange(b, device=device)
     for i, block in enumerate(model.blocks):
         attn = block.attn
@@ -86,8 +88,8 @@ def decode_step(model: Transformer, cache: SlotCache, tokens: Tensor, positions:
         qk = apply_rotary(qkv[:, :, :2], cos, sin)
         q, k, v = qk[:, 0, 0, :, None], qk[:, 0, 1], qkv[:, 0, 2]  # [B,H,1,hd], [B,H,hd] x2
         ck, cv = cache.k[i], cache.v[i]
-        ck[rows, :, positions] = k.to(ck.dtype)
-        cv[rows, :, positions] = v.to(cv.dtype)
+        ck[rows, :, pos] = k.to(ck.dtype)
+        cv[rows, :, pos] = v.to(cv.dtype)
         y = F.scaled_dot_product_attention(q, ck[:b, :, :end], cv[:b, :, :end], attn_mask=mask)
         x = x + attn.resid_drop(attn.proj(y.transpose(1, 2).reshape(b, 1, attn.d_model)))
         x = x + block.mlp(block.ln2(x))

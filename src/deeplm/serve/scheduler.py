@@ -12,8 +12,9 @@ stop rules and a thread-safe ``emit`` callback) and :class:`Scheduler`:
   its deadline ends with ``finish_reason: "length"``;
 * the model runs on this one thread only, so requests never share state.
 
-Events sent through ``emit``: ``("piece", text)``, ``("done", finish_reason, n_tokens)`` or
-``("error", status, message)``; ``done`` and ``error`` are final.
+Events sent through ``emit``: ``("piece", text)`` (only for a job with ``stream`` set),
+``("done", finish_reason, n_tokens, text)`` or ``("error", status, message)``; ``done`` and
+``error`` are final. Greedy rows take their token from one batched argmax.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Job:
     top_p: float | None = None
     repetition_penalty: float = 1.0
     generator: torch.Generator | None = None
+    stream: bool = True  # emit text pieces as they come (else only the text at the end)
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
@@ -172,12 +174,13 @@ class Scheduler:
             active = self._active
         if not active:
             return
-        tokens = torch.tensor([j.tokens[-1] for j in active])
-        positions = torch.tensor([len(j.prompt) + len(j.tokens) - 1 for j in active])
+        tokens = [j.tokens[-1] for j in active]
+        positions = [len(j.prompt) + len(j.tokens) - 1 for j in active]
         assert self._cache is not None
         logits = decode_step(self.model, self._cache, tokens, positions)
-        for job, row in zip(active, logits, strict=True):
-            self._advance(job, row)
+        greedy = logits.argmax(dim=-1).tolist()
+        for job, row, best in zip(active, logits, greedy, strict=True):
+            self._advance(job, row, best)
         self._compact()
 
     def _compact(self) -> None:
@@ -193,29 +196,36 @@ class Scheduler:
             else:
                 i += 1
 
-    def _advance(self, job: Job, logits: torch.Tensor) -> None:
-        """Choose the next token of ``job`` from its ``logits`` ``[V]``; emit text; maybe end."""
-        last = logits[None]
-        if job.repetition_penalty != 1.0:
-            context = torch.tensor([job.prompt + job.tokens], device=last.device)
-            last = apply_repetition_penalty(last, context, job.repetition_penalty)
-        tok = int(sample_next(last, job.temperature, job.top_k, job.top_p, job.generator)[0])
-        job.tokens.append(tok)
-        piece = job.assembler.feed(tok)
-        if piece:
+    def _advance(self, job: Job, logits: torch.Tensor, best: int | None = None) -> None:
+        """Choose the next token of ``job`` from its ``logits`` ``[V]`` (``best``: their argmax,
+        when known); emit text; maybe end."""
+        job.tokens.append(self._choose(job, logits, best))
+        piece = job.assembler.feed(job.tokens[-1])
+        if piece and job.stream:
             self._emit(job, ("piece", piece))
         out_of_time = time.monotonic() > job.deadline
         if job.assembler.done or len(job.tokens) >= job.max_new or job.cancelled or out_of_time:
             self._finish(job)
 
+    @staticmethod
+    def _choose(job: Job, logits: torch.Tensor, best: int | None) -> int:
+        if job.temperature == 0 and job.repetition_penalty == 1.0 and best is not None:
+            return best  # what sample_next's argmax gives
+        last = logits[None]
+        if job.repetition_penalty != 1.0:
+            context = torch.tensor([job.prompt + job.tokens], device=last.device)
+            last = apply_repetition_penalty(last, context, job.repetition_penalty)
+        return int(sample_next(last, job.temperature, job.top_k, job.top_p, job.generator)[0])
+
     def _finish(self, job: Job) -> None:
         piece = job.assembler.finish()
-        if piece:
+        if piece and job.stream:
             self._emit(job, ("piece", piece))
         job.finished = True
         took = time.monotonic() - (job.started or time.monotonic())
         self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * took
-        self._emit(job, ("done", job.assembler.finish_reason or "length", len(job.tokens)))
+        reason = job.assembler.finish_reason or "length"
+        self._emit(job, ("done", reason, len(job.tokens), job.assembler.text))
 
     def _fail(self, job: Job, status: int, message: str) -> None:
         job.finished = True

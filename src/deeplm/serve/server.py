@@ -80,11 +80,19 @@ class Limits:
         """Raise ValueError naming the first limit out of range."""
         for name in ("max_batch", "queue_size", "max_body_bytes", "max_connections"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("request_timeout", "keep_alive_timeout", "graceful_timeout"):
             value = getattr(self, name)
             if not value > 0 or value == float("inf"):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value}")
+                msg = f"{_flag(name)} must be a positive number of seconds, got {value}"
+                raise ValueError(msg)
+
+
+def _flag(name: str) -> str:
+    """A limit's name with its ``deeplm serve`` flag, e.g. ``max_batch (--max-batch)``."""
+    if name == "graceful_timeout":  # not a flag
+        return name
+    return f"{name} (--{name.replace('_', '-')})"
 
 
 class APIError(Exception):
@@ -294,6 +302,7 @@ class ModelService:
             top_p=s.top_p,
             repetition_penalty=s.repetition_penalty,
             generator=gen,
+            stream=s.stream,
         )
 
     def submit(self, specs: list[tuple[int, list[int], int]], s: Sampling, chat: bool) -> Run:
@@ -525,9 +534,8 @@ async def _completions(svc: ModelService, req: CompletionRequest) -> Any:
     out = {i: texts[i] if echo else "" for i in texts}
     finish, completion_tokens = {}, 0
     async for event in run.events():
-        if event[1] == "piece":
-            out[event[0]] += event[2]
-        else:
+        if event[1] == "done":  # not streamed: the whole text comes with "done"
+            out[event[0]] += event[4]
             finish[event[0]] = event[2]
             completion_tokens += event[3]
     choices = [_cchoice(i, out[i], finish[i]) for i in sorted(out)]
@@ -569,9 +577,8 @@ async def _chat(svc: ModelService, req: ChatRequest) -> Any:
     out = {i: "" for i in range(s.n)}
     finish, completion_tokens = {}, 0
     async for event in run.events():
-        if event[1] == "piece":
-            out[event[0]] += event[2]
-        else:
+        if event[1] == "done":  # not streamed: the whole text comes with "done"
+            out[event[0]] = event[4]
             finish[event[0]] = event[2]
             completion_tokens += event[3]
     choices = [
