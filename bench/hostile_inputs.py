@@ -22,13 +22,15 @@ import io
 import json
 import random
 import shutil
+import socket
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from deeplm.config import CleanConfig, ConfigError, SourceConfig, load_config
 from deeplm.data.clean import CleanStats, clean_documents
@@ -479,6 +481,103 @@ def case_invalid_config_json(ctx: Ctx) -> str:
     if rc != 0 or cli("status", "--run-dir", str(run))[0] != 0:
         raise NotHandled(f"the repair run: exit {rc}, stderr {err.strip()[-300:]!r}")
     return detail + "; repaired by the next run"
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+@contextlib.contextmanager
+def _server(ctx: Ctx, **limits: float) -> Iterator[Any]:
+    """``deeplm serve``'s real uvicorn server on a free loopback port, over the finished run's
+    tokenizer and its model architecture (untrained weights: these cases test HTTP, not text)."""
+    import torch
+
+    from deeplm.export import LoadedModel
+    from deeplm.serve import Limits, make_server
+    from deeplm.tokenizer import Tokenizer
+    from deeplm.train.trainer import build_model
+    from deeplm.workflows.activities import tokenizer_path
+    from deeplm.workflows.local import load_run_config
+
+    cfg = load_run_config(ctx.finished_run)
+    model = build_model(cfg, cfg.seed).eval()
+    tok = Tokenizer.load(tokenizer_path(ctx.finished_run))
+    loaded = LoadedModel(model, tok, cfg.model, cfg.name, ctx.finished_run, torch.device("cpu"))
+    srv = make_server(loaded, port=0, quiet=True, limits=Limits(graceful_timeout=1, **limits))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _http(srv: Any, raw: bytes, wait: float = 10.0) -> bytes:
+    """Send raw bytes; the answer until the server closes, answers a full error, or goes quiet."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=wait) as sock:
+        sock.sendall(raw)
+        out = b""
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(65536):
+                out += chunk
+                if out.startswith(b"HTTP/1.1 4") and b"\r\n\r\n" in out:
+                    break
+        return out
+
+
+def _expect_status(answer: bytes, status: int) -> str:
+    line = answer.split(b"\r\n", 1)[0].decode("latin-1")
+    if not line.startswith(f"HTTP/1.1 {status}"):
+        raise NotHandled(f"expected {status}, got {line or 'no answer'!r}")
+    return f"{line}"
+
+
+def _post(body: bytes, length: str | None = None) -> bytes:
+    size = str(len(body)) if length is None else length
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+    if size:
+        head += f"Content-Length: {size}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def case_server_deeply_nested_json(ctx: Ctx) -> str:
+    with _server(ctx) as srv:
+        return _expect_status(_http(srv, _post(b"[" * 500_000)), 400)
+
+
+def case_server_negative_content_length(ctx: Ctx) -> str:
+    with _server(ctx) as srv:
+        return _expect_status(_http(srv, _post(b"", "-1")), 400)
+
+
+def case_server_missing_content_length(ctx: Ctx) -> str:
+    with _server(ctx) as srv:
+        return _expect_status(_http(srv, _post(b"", "")), 411)
+
+
+def case_server_oversized_body_then_hangup(ctx: Ctx) -> str:
+    with _server(ctx, max_body_bytes=1024) as srv:
+        detail = _expect_status(_http(srv, _post(b"", "99999999")), 413)
+        health = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        return detail + "; then " + _expect_status(_http(srv, health), 200)
+
+
+def case_server_idle_connections(ctx: Ctx) -> str:
+    """200 idle connections (one with a never-finished request head) are closed by the server."""
+    with _server(ctx, keep_alive_timeout=1.0) as srv:
+        socks = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(200)]
+        socks[0].sendall(b"GET /health HTTP/1.1\r\n")
+        start = time.monotonic()
+        try:
+            for sock in socks:
+                sock.settimeout(15)
+                if sock.recv(1) != b"":
+                    raise NotHandled("an idle connection got data instead of being closed")
+        except TimeoutError:
+            raise NotHandled("an idle connection stayed open 15 s") from None
+        finally:
+            for sock in socks:
+                sock.close()
+        return f"200 idle connections closed after {time.monotonic() - start:.1f} s"
 
 
 CASES: dict[str, Callable[[Ctx], str]] = {

@@ -681,7 +681,7 @@ class DeeplmServer:
             app,
             http=IdleTimeoutProtocol,
             lifespan="on",
-            log_level="warning" if quiet else "info",
+            log_level="error" if quiet else "info",
             access_log=not quiet,
             timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]
             limit_concurrency=limits.max_connections,
