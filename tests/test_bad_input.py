@@ -90,6 +90,9 @@ def test_invalid_config_json_named_then_repaired(run, tmp_path) -> None:
     _error(run_cli("status", "--run-dir", str(run)), cfg_file, "damaged")
     _error(run_cli("generate", "--run-dir", str(run), "--prompt", "The"), cfg_file, "damaged")
     _error(run_cli("eval", "--run-dir", str(run), "--quick"), cfg_file, "damaged")
+    other = run_cli("run", "--preset", "tiny", "--run-dir", str(run))  # not this run's config
+    _error(other, cfg_file, "not the one recorded")
+    assert (run / "config.json").read_text() == '{"name": "usemodel", oops: 1}'
     out = _ok(run_cli("run", "--config", str(toml), "--run-dir", str(run)))
     assert "config.json was damaged" in out and "rewritten" in out
     _ok(run_cli("generate", "--run-dir", str(run), "--prompt", "The", "--max-new-tokens", "2"))

@@ -65,9 +65,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 
 def open_run(run_dir: Path, cfg: RunConfig, log: Callable[[str], None] = print) -> StateDB:
-    """Create or reopen a run directory for ``cfg``; a different config there is an error.
-    A damaged ``config.json`` is rewritten from ``cfg`` once the state database confirmed that
-    ``cfg`` is this run's config."""
+    """Create or reopen a run directory for ``cfg``; a different config there is an error."""
+    repair_config_file(run_dir, cfg, log)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / CONFIG_FILE
     db = StateDB(run_dir / STATE_FILE)
@@ -78,10 +77,31 @@ def open_run(run_dir: Path, cfg: RunConfig, log: Callable[[str], None] = print) 
         raise
     if not cfg_path.exists():
         atomic_write_text(cfg_path, config_to_json(cfg))
-    elif (problem := config_file_problem(cfg_path)) is not None:
-        atomic_write_text(cfg_path, config_to_json(cfg))
-        log(f"[integrity] {cfg_path} was damaged ({problem}); rewritten from the run's config")
     return db
+
+
+def repair_config_file(run_dir: Path, cfg: RunConfig, log: Callable[[str], None]) -> None:
+    """A damaged ``config.json`` (invalid JSON or config) is rewritten from ``cfg`` when the
+    state database confirms ``cfg`` is this run's config (same fingerprint); otherwise
+    ConfigError naming the file. An intact or absent file is left alone."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file() or (problem := config_file_problem(path)) is None:
+        return
+    recorded = None
+    if (run_dir / STATE_FILE).is_file():
+        db = StateDB(run_dir / STATE_FILE, readonly=True)
+        try:
+            recorded = (db.run_info() or {}).get("config_json")
+        finally:
+            db.close()
+    if recorded != cfg.fingerprint():
+        raise ConfigError(
+            f"{path}: the run's config file is damaged ({problem}), and the config given is not "
+            f"the one recorded in {run_dir / STATE_FILE}: give the run's own --preset/--config "
+            "(its file is then rewritten), or restore the file"
+        )
+    atomic_write_text(path, config_to_json(cfg))
+    log(f"[integrity] {path} was damaged ({problem}); rewritten from the run's config")
 
 
 def config_file_problem(path: Path) -> str | None:
@@ -142,7 +162,7 @@ def run_local(
     stages already done are skipped. Returns a summary."""
     run_dir = Path(run_dir)
     with run_lock(run_dir):
-        db = open_run(run_dir, cfg, log)
+        db = open_run(run_dir, cfg, log=log)
         ctx = RunContext(
             run_dir=run_dir, cfg=cfg, db=db, progress=progress, should_stop=should_stop, log=log
         )
