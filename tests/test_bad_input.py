@@ -161,3 +161,6 @@ def test_truncated_newest_checkpoint_is_reported_everywhere(run, tmp_path) -> No
     out = _ok(run_cli("run", "--config", str(toml), "--run-dir", str(run), "--no-progress"))
     assert "corrupt" in out
     assert "missing" not in out
+    # trained again past it: the corrupt copy stays for inspection, the warnings stop
+    assert (newest.parent / f"{newest.name}.corrupt").is_dir()
+    assert "warning" not in _ok(run_cli("status", "--run-dir", str(run)))

@@ -624,12 +624,23 @@ def run_stage(ctx: RunContext, spec: StageSpec) -> dict[str, Any]:
 
 
 def corrupt_checkpoint_warnings(run_dir: Path, cfg: RunConfig) -> list[str]:
-    """One line per checkpoint of the run moved aside as corrupted (none: an empty list)."""
-    out = []
+    """One line per checkpoint moved aside as corrupted that is newer than every intact one,
+    i.e. the model in use is older than the run got (one trained again since is no news)."""
+    newest = (-1, -1)
+    corrupt = []
     for i, phase in enumerate(cfg.phases):
-        for path, reason in ckpt.corrupt_checkpoints(phase_dir(run_dir, i, phase)):
-            out.append(f"checkpoint {path} is corrupt and not used ({reason})")
-    return out
+        folder = phase_dir(run_dir, i, phase)
+        for c in ckpt.list_checkpoints(folder):
+            newest = max(newest, (i, c.step))
+        for path, reason in ckpt.corrupt_checkpoints(folder):
+            digits = path.name.removeprefix("step-").removesuffix(".corrupt")
+            step = int(digits) if digits.isdigit() else 1 << 62
+            corrupt.append(((i, step), path, reason))
+    return [
+        f"checkpoint {path} is corrupt and not used ({reason})"
+        for key, path, reason in corrupt
+        if key > newest
+    ]
 
 
 def latest_model_checkpoint(run_dir: Path, cfg: RunConfig) -> Path | None:
