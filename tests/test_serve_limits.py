@@ -142,6 +142,25 @@ def test_full_queue_answers_429_with_retry_after(server) -> None:
     assert answer["error"]["code"] == "rate_limit_exceeded"
 
 
+def test_client_hanging_up_mid_stream_frees_its_rows(server) -> None:
+    body = {"model": RUN_NAME, "prompt": "The", "max_tokens": 60, "n": 8, "stream": True}
+    data = json.dumps(body).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head.encode() + data)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")  # streaming; then hang up
+    deadline = time.monotonic() + 10
+    while True:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", "/health")
+        load = json.loads(conn.getresponse().read())
+        conn.close()
+        if load["active"] == 0 and load["waiting"] == 0:
+            break
+        assert time.monotonic() < deadline, load
+        time.sleep(0.05)
+
+
 def test_concurrent_greedy_equals_unbatched(server, local) -> None:
     client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=60)
     prompts = [f"It was {i} o'clock and" if i % 2 else f"Story {i}:" for i in range(8)]
