@@ -22,13 +22,15 @@ import io
 import json
 import random
 import shutil
+import socket
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from deeplm.config import CleanConfig, ConfigError, SourceConfig, load_config
 from deeplm.data.clean import CleanStats, clean_documents
@@ -380,6 +382,202 @@ def case_wrong_typed_config_on_finished_run(ctx: Ctx) -> str:
     if rc != 2 or "seed" not in err:
         raise NotHandled(f"exit {rc}, stderr {err.strip()[-200:]!r}")
     return f"error: {err.strip().splitlines()[-1][:110]}"
+
+
+def case_config_nan_lr(ctx: Ctx) -> str:
+    return _config_case(ctx, lambda t: t.replace("lr = 0.003", "lr = nan"), "phases.0.lr", "finite")
+
+
+def case_config_inf_lr(ctx: Ctx) -> str:
+    return _config_case(ctx, lambda t: t.replace("lr = 0.003", "lr = inf"), "phases.0.lr", "finite")
+
+
+def case_config_negative_min_chars(ctx: Ctx) -> str:
+    def edit(text: str) -> str:
+        return text.replace("chunk_chars = 4000", "chunk_chars = 4000\nmin_chars = -5")
+
+    return _config_case(ctx, edit, "clean.min_chars")
+
+
+def _cli_error(*argv: str, needles: tuple[str, ...]) -> str:
+    """``deeplm <argv>`` in-process: exit 2 with every needle in the message, no traceback."""
+    rc, err = cli(*argv)
+    if rc != 2 or any(n not in err for n in needles) or "Traceback" in err:
+        raise NotHandled(f"exit {rc}, stderr {err.strip()[-300:]!r}")
+    return f"error: {err.strip().splitlines()[-1][:110]}"
+
+
+def case_set_nan_lr(ctx: Ctx) -> str:
+    run = str(ctx.tmp / "run")
+    return _cli_error(
+        "run", "--preset", "tiny", "--set", "phases.0.lr=nan", "--run-dir", run,
+        needles=("phases.0.lr", "finite"),
+    )  # fmt: skip
+
+
+def case_run_dir_is_a_file(ctx: Ctx) -> str:
+    path = ctx.tmp / "a-file"
+    path.write_text("not a folder\n")
+    return _cli_error(
+        "run", "--config", str(write_config(ctx)), "--run-dir", str(path),
+        needles=(str(path), "is a file"),
+    )  # fmt: skip
+
+
+def case_run_dir_empty(ctx: Ctx) -> str:
+    cfg = str(write_config(ctx))
+    return _cli_error("run", "--config", cfg, "--run-dir", "", needles=("--run-dir", "empty"))
+
+
+def case_generate_nan_temperature(ctx: Ctx) -> str:
+    run = str(ctx.finished_run)
+    return _cli_error(
+        "generate", "--run-dir", run, "--prompt", "The", "--temperature", "nan",
+        needles=("--temperature",),
+    )  # fmt: skip
+
+
+def case_generate_huge_max_new_tokens(ctx: Ctx) -> str:
+    run = str(ctx.finished_run)
+    return _cli_error(
+        "generate", "--run-dir", run, "--prompt", "The", "--max-new-tokens", "100000",
+        needles=("--max-new-tokens", "100000"),
+    )  # fmt: skip
+
+
+def _copy_of_finished_run(ctx: Ctx) -> Path:
+    copy = ctx.tmp / "run"
+    shutil.copytree(ctx.finished_run, copy, ignore=shutil.ignore_patterns(".lock"))
+    return copy
+
+
+def case_garbage_state_db(ctx: Ctx) -> str:
+    """state.db overwritten with garbage (WAL files gone): a clear error from status and run,
+    then ``--rebuild-state`` rebuilds the state from the files and the run finishes again."""
+    run = _copy_of_finished_run(ctx)
+    for extra in run.glob("state.db-*"):
+        extra.unlink()
+    (run / "state.db").write_bytes(b"garbage " * 512)
+    cfg = str(write_config(ctx))
+    _cli_error("status", "--run-dir", str(run), needles=("state.db", "--rebuild-state"))
+    detail = _cli_error(
+        "prepare", "--config", cfg, "--run-dir", str(run), needles=("state.db", "damaged")
+    )
+    rc, err = cli("prepare", "--config", cfg, "--run-dir", str(run), "--rebuild-state")
+    if rc != 0 or not list(run.glob("state.db.corrupt-*")):
+        raise NotHandled(f"--rebuild-state: exit {rc}, stderr {err.strip()[-300:]!r}")
+    rc, err = cli("status", "--run-dir", str(run))
+    if rc != 0:
+        raise NotHandled(f"status after the rebuild: exit {rc}, {err.strip()[-200:]!r}")
+    return detail + "; rebuilt"
+
+
+def case_invalid_config_json(ctx: Ctx) -> str:
+    """config.json of a run made invalid JSON: status names the file; a run repairs it."""
+    run = _copy_of_finished_run(ctx)
+    (run / "config.json").write_text('{"name": "x", oops}')
+    detail = _cli_error("status", "--run-dir", str(run), needles=("config.json", "damaged"))
+    rc, err = cli("prepare", "--config", str(write_config(ctx)), "--run-dir", str(run))
+    if rc != 0 or cli("status", "--run-dir", str(run))[0] != 0:
+        raise NotHandled(f"the repair run: exit {rc}, stderr {err.strip()[-300:]!r}")
+    return detail + "; repaired by the next run"
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+@contextlib.contextmanager
+def _server(ctx: Ctx, **limits: float) -> Iterator[Any]:
+    """``deeplm serve``'s real uvicorn server on a free loopback port, over the finished run's
+    tokenizer and its model architecture (untrained weights: these cases test HTTP, not text)."""
+    import torch
+
+    from deeplm.export import LoadedModel
+    from deeplm.serve import Limits, make_server
+    from deeplm.tokenizer import Tokenizer
+    from deeplm.train.trainer import build_model
+    from deeplm.workflows.activities import tokenizer_path
+    from deeplm.workflows.local import load_run_config
+
+    cfg = load_run_config(ctx.finished_run)
+    model = build_model(cfg, cfg.seed).eval()
+    tok = Tokenizer.load(tokenizer_path(ctx.finished_run))
+    loaded = LoadedModel(model, tok, cfg.model, cfg.name, ctx.finished_run, torch.device("cpu"))
+    srv = make_server(loaded, port=0, quiet=True, limits=Limits(graceful_timeout=1, **limits))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _http(srv: Any, raw: bytes, wait: float = 10.0) -> bytes:
+    """Send raw bytes; the answer until the server closes, answers a full error, or goes quiet."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=wait) as sock:
+        sock.sendall(raw)
+        out = b""
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(65536):
+                out += chunk
+                if out.startswith(b"HTTP/1.1 4") and b"\r\n\r\n" in out:
+                    break
+        return out
+
+
+def _expect_status(answer: bytes, status: int) -> str:
+    line = answer.split(b"\r\n", 1)[0].decode("latin-1")
+    if not line.startswith(f"HTTP/1.1 {status}"):
+        raise NotHandled(f"expected {status}, got {line or 'no answer'!r}")
+    return f"{line}"
+
+
+def _post(body: bytes, length: str | None = None) -> bytes:
+    size = str(len(body)) if length is None else length
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+    if size:
+        head += f"Content-Length: {size}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def case_server_deeply_nested_json(ctx: Ctx) -> str:
+    with _server(ctx) as srv:
+        return _expect_status(_http(srv, _post(b"[" * 500_000)), 400)
+
+
+def case_server_negative_content_length(ctx: Ctx) -> str:
+    with _server(ctx) as srv:
+        return _expect_status(_http(srv, _post(b"", "-1")), 400)
+
+
+def case_server_missing_content_length(ctx: Ctx) -> str:
+    with _server(ctx) as srv:
+        return _expect_status(_http(srv, _post(b"", "")), 411)
+
+
+def case_server_oversized_body_then_hangup(ctx: Ctx) -> str:
+    with _server(ctx, max_body_bytes=1024) as srv:
+        detail = _expect_status(_http(srv, _post(b"", "99999999")), 413)
+        health = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        return detail + "; then " + _expect_status(_http(srv, health), 200)
+
+
+def case_server_idle_connections(ctx: Ctx) -> str:
+    """200 idle connections (one with a never-finished request head) are closed by the server."""
+    with _server(ctx, keep_alive_timeout=1.0) as srv:
+        socks = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(200)]
+        socks[0].sendall(b"GET /health HTTP/1.1\r\n")
+        start = time.monotonic()
+        try:
+            for sock in socks:
+                sock.settimeout(15)
+                if sock.recv(1) != b"":
+                    raise NotHandled("an idle connection got data instead of being closed")
+        except TimeoutError:
+            raise NotHandled("an idle connection stayed open 15 s") from None
+        finally:
+            for sock in socks:
+                sock.close()
+        return f"200 idle connections closed after {time.monotonic() - start:.1f} s"
 
 
 CASES: dict[str, Callable[[Ctx], str]] = {

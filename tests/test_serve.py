@@ -1,4 +1,4 @@
-"""``deeplm serve`` as a real process, driven by the official ``openai`` client."""
+"""``deeplm serve`` as a real process (uvicorn), driven by the official ``openai`` client."""
 
 from __future__ import annotations
 
@@ -226,15 +226,12 @@ def test_api_key(local) -> None:
     from deeplm.serve import make_server
 
     srv = make_server(local, port=0, api_key="sekrit", quiet=True)
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    t.start()
+    srv.start()
     try:
-        url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
-        bad = openai.OpenAI(base_url=url, api_key="wrong", max_retries=0)
+        bad = openai.OpenAI(base_url=srv.url, api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
-        good = openai.OpenAI(base_url=url, api_key="sekrit", max_retries=0)
+        good = openai.OpenAI(base_url=srv.url, api_key="sekrit", max_retries=0)
         assert good.models.list().data[0].id == RUN_NAME
     finally:
-        srv.shutdown()
-        srv.server_close()
+        srv.stop()

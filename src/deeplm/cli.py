@@ -57,12 +57,40 @@ def cmd_run(args: argparse.Namespace) -> int:
         from deeplm.workflows.temporal_client import hard_exit, start_command
 
         hard_exit(start_command(args, cfg))  # leaves via os._exit (temporalio/sdk-python#300)
-    run_dir = Path(args.run_dir or f"runs/{cfg.name}")
+    run_dir = _run_dir_arg(args.run_dir, cfg.name)
+    if getattr(args, "rebuild_state", False):
+        _rebuild_state(run_dir)
     flag = _StopFlag()
     flag.install()
     print(f"deeplm run: preset/config {args.preset or args.config} -> {run_dir}", flush=True)
     summary = run_local(run_dir, cfg, should_stop=flag, data_only=args.command == "prepare")
     return 0 if summary["status"] in ("done",) else 3
+
+
+def _run_dir_arg(value: str | None, name: str) -> Path:
+    """``--run-dir`` of ``run``/``prepare`` (default ``runs/<name>``); empty or a file: error."""
+    if value is None:
+        return Path(f"runs/{name}")
+    if not value.strip():
+        raise ValueError("--run-dir is empty; give a folder (default: runs/<config name>)")
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--run-dir {path}: is a file, not a folder; give a folder for the run")
+    return path
+
+
+def _rebuild_state(run_dir: Path) -> None:
+    from deeplm.workflows.local import rebuild_state
+
+    aside = rebuild_state(run_dir)
+    if aside is None:
+        print(f"{run_dir / 'state.db'}: readable or absent; nothing to rebuild", flush=True)
+    else:
+        print(
+            f"moved the damaged state database aside to {aside}; rebuilding the state from the "
+            "files on disk",
+            flush=True,
+        )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -92,9 +120,12 @@ def _load_model(args: argparse.Namespace):  # -> deeplm.export.LoadedModel
 
     if not (args.run_dir or args.checkpoint or args.model):
         raise ValueError("give --run-dir, --checkpoint or --model")
-    return load_model(
+    lm = load_model(
         run_dir=args.run_dir, checkpoint=args.checkpoint, hf_dir=args.model, device=args.device
     )
+    for line in lm.warnings:
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+    return lm
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -111,9 +142,32 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+#: The most tokens one ``generate``/``chat`` call may ask for.
+MAX_NEW_TOKENS = 4096
+
+
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    """Finite, in-range sampling flags (ValueError naming the flag)."""
+    import math
+
+    if not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise ValueError(
+            f"--max-new-tokens must be between 0 and {MAX_NEW_TOKENS}, got {args.max_new_tokens}"
+        )
+    checks = (
+        ("--temperature", args.temperature, 0.0, 100.0, "0 = greedy"),
+        ("--top-p", args.top_p, 0.0, 1.0, "0 = off"),
+        ("--repetition-penalty", args.repetition_penalty, 0.01, 100.0, "1 = off"),
+    )
+    for flag, value, lo, hi, note in checks:
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise ValueError(f"{flag} must be a number between {lo} and {hi} ({note}), got {value}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+
+
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    _check_sampling_args(args)
     return dict(
         temperature=args.temperature,
         top_k=args.top_k or None,
@@ -128,12 +182,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from deeplm.model.generate import TextStream
 
+    _check_sampling_args(args)
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     lm = _load_model(args)
     tok = lm.tokenizer
     ids = [tok.bos_id] + tok.encode(args.prompt)
     gen = torch.Generator(device=lm.device)
     gen.manual_seed(args.seed)
     kwargs = _sampling_kwargs(args)
+    if not args.stream and args.max_new_tokens > 256:
+        print(
+            f"(generating up to {args.max_new_tokens} tokens; --stream prints them as they come)",
+            file=sys.stderr,
+            flush=True,
+        )
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---", flush=True)
@@ -158,6 +221,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from deeplm.chat import format_chat, stop_token_ids
     from deeplm.model.generate import TextStream
 
+    _check_sampling_args(args)
     lm = _load_model(args)
     tok = lm.tokenizer
     budget = lm.cfg.max_seq_len - args.max_new_tokens
@@ -298,8 +362,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from deeplm.serve import serve
+    from deeplm.serve import Limits, serve
 
+    limits = Limits(
+        max_batch=args.max_batch,
+        queue_size=args.queue_size,
+        request_timeout=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
+        keep_alive_timeout=args.keep_alive_timeout,
+        max_connections=args.max_connections,
+    )
+    limits.check()
     lm = _load_model(args)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}, reachable from other machines", file=sys.stderr)
@@ -311,6 +384,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("DEEPLM_API_KEY") or None,
         quiet=args.quiet,
         log=lambda s: print(s, flush=True),
+        limits=limits,
     )
     return 0
 
@@ -338,6 +412,34 @@ def cmd_import(args: argparse.Namespace) -> int:
         f"{args.run_dir} --phase {args.phase or cfg.phases[0].name} ...`"
     )
     return 0
+
+
+def _serve_limit_args(p: argparse.ArgumentParser) -> None:
+    """The server's limits (defaults: :class:`deeplm.serve.Limits`)."""
+    p.add_argument(
+        "--max-batch", type=int, default=8, help="sequences generated at a time, in one batch"
+    )
+    p.add_argument(
+        "--queue-size", type=int, default=64, help="sequences that may wait; beyond: 429"
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a request may wait and generate (queued past it: 503)",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)"
+    )
+    p.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=5.0,
+        help="seconds before an idle connection is closed",
+    )
+    p.add_argument(
+        "--max-connections", type=int, default=256, help="open connections at most (503 beyond)"
+    )
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -369,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
+        "--rebuild-state",
+        action="store_true",
+        help="a damaged state.db: move it aside and rebuild the state from the files on disk",
+    )
+    p.add_argument(
         "--orchestrator",
         choices=("local", "temporal"),
         default="local",
@@ -396,6 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     cfg_args(p)
     p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--rebuild-state",
+        action="store_true",
+        help="a damaged state.db: move it aside and rebuild the state from the files on disk",
+    )
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser(
@@ -462,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model id clients use (default: the run's name)")
     p.add_argument("--api-key", help="require this bearer key (or set DEEPLM_API_KEY)")
     p.add_argument("--quiet", action="store_true", help="no access log")
+    _serve_limit_args(p)
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("presets", help="list presets with their exact parameter counts")
@@ -473,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (ConfigError, OSError, ValueError, RuntimeError) as exc:
         from deeplm.workflows.local import RunLocked
 
         kind = (

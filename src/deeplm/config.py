@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import tomllib
 import types
 import typing
@@ -446,6 +448,7 @@ class RunConfig:
                     "train.rdzv_endpoint must be 'host:port' of node 0 when train.nodes > 1, "
                     f"got {t.rdzv_endpoint!r}"
                 )
+        check_numbers(self)  # last: the specific checks above give the more specific message
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -458,6 +461,38 @@ class RunConfig:
         d.pop("base_dir", None)
         d.pop("train", None)
         return json.dumps(d, sort_keys=True)
+
+
+# --------------------------------------------------------------------------- numeric checks
+
+#: Numeric keys that may be negative (matched on the last part of the dotted key).
+SIGNED_KEYS = frozenset({"seed"})
+#: Numeric keys that are fractions or probabilities, in [0, 1] (last part of the dotted key).
+_UNIT_KEY = re.compile(r"(dropout|_fraction|^beta\d)$")
+
+
+def check_numbers(obj: Any, prefix: str = "") -> None:
+    """Every int/float field of the dataclass tree ``obj`` (lists included, whatever its name):
+    finite, >= 0 unless in :data:`SIGNED_KEYS`, and <= 1 for fractions, dropouts and betas.
+    Raises ConfigError naming the dotted key as ``--set`` spells it (``phases.0.lr``)."""
+    if isinstance(obj, list):
+        for i, item in enumerate(obj):
+            check_numbers(item, f"{prefix}.{i}")
+        return
+    if not dataclasses.is_dataclass(obj):
+        return
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            check_numbers(value, key)
+            continue
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+        if value < 0 and f.name not in SIGNED_KEYS:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+        if _UNIT_KEY.search(f.name) and value > 1:
+            raise ConfigError(f"{key} must be between 0 and 1, got {value}")
 
 
 # --------------------------------------------------------------------------- building from dicts

@@ -248,7 +248,12 @@ def evaluate_checkpoint(
     from deeplm.workflows.state_db import StateDB
 
     rdir = Path(run_dir)
+    db_path = rdir / STATE_FILE
+    if db_path.is_file():  # a damaged state database fails now, not after the suite
+        StateDB(db_path, readonly=True).close()
     loaded = load_model(run_dir=rdir, checkpoint=checkpoint, device=device)
+    for line in loaded.warnings:
+        log(f"[eval] warning: {line}")
     assert loaded.run_cfg is not None
     cfg = loaded.run_cfg
     dtype = autocast_dtype(loaded.device, cfg.train.precision)
@@ -262,7 +267,6 @@ def evaluate_checkpoint(
     pngs = write_loss_plots(rdir, cfg, out)
     json_path, md_path = out / "eval.json", out / "report.md"
     write_results(json_path, results)
-    db_path = rdir / STATE_FILE
     db = StateDB(db_path) if db_path.is_file() else None
     try:
         text = render_report(

@@ -8,7 +8,7 @@ model and its tokenizer from any of: a run directory (its newest checkpoint), a 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ class LoadedModel:
     device: torch.device
     run_cfg: RunConfig | None = None
     run_dir: Path | None = None
+    warnings: list[str] = field(default_factory=list)  # e.g. corrupt checkpoints skipped
 
 
 def run_dir_of_checkpoint(checkpoint: Path) -> Path | None:
@@ -62,7 +63,11 @@ def load_model(
     from deeplm.train import checkpoint as ckpt
     from deeplm.train.device import select_device
     from deeplm.train.trainer import build_model
-    from deeplm.workflows.activities import latest_model_checkpoint, tokenizer_path
+    from deeplm.workflows.activities import (
+        corrupt_checkpoint_warnings,
+        latest_model_checkpoint,
+        tokenizer_path,
+    )
     from deeplm.workflows.local import load_run_config
 
     dev = device if isinstance(device, torch.device) else select_device(device)
@@ -99,4 +104,9 @@ def load_model(
     model.set_grad_checkpointing(False)
     ckpt.load_weights(path, model)
     model.to(dev).eval()
-    return LoadedModel(model, tok, cfg.model, cfg.name, path, dev, run_cfg=cfg, run_dir=rdir)
+    notes = corrupt_checkpoint_warnings(rdir, cfg)
+    if notes and checkpoint is None:
+        notes.append(f"using the newest intact checkpoint instead: {path}")
+    return LoadedModel(
+        model, tok, cfg.model, cfg.name, path, dev, run_cfg=cfg, run_dir=rdir, warnings=notes
+    )

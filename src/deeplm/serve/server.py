@@ -1,166 +1,121 @@
-"""An OpenAI-compatible HTTP API over one deeplm model (standard library only).
+"""An OpenAI-compatible HTTP API over one deeplm model, on FastAPI + uvicorn.
 
-Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``,
-``POST /v1/chat/completions`` (both with ``stream: true`` as server-sent events in OpenAI's chunk
-format, ending with ``data: [DONE]``), and ``GET /health``.
+Owns the routes, reading request bodies, the limits, and starting/stopping the uvicorn server
+(request schemas: :mod:`deeplm.serve.schemas`; generation: :mod:`deeplm.serve.scheduler`).
+Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true`` as
+server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), and ``GET /health``.
 
 * Binds to ``127.0.0.1`` by default; another host must be asked for explicitly. With
   ``api_key`` set, requests need ``Authorization: Bearer <key>``.
-* Requests are validated; errors are OpenAI-style JSON (``{"error": {"message", "type",
-  "param", "code"}}``): 400 for bad parameters, prompts over the context window
-  (``code: context_length_exceeded``) or malformed JSON, 401 for a wrong key, 404 for an
-  unknown model or path, 413 for an oversized body.
-* Concurrency: a thread per connection (``ThreadingHTTPServer``). Every request has its own KV
-  cache, random generator and stream decoder; the model itself is only ever run by one thread at
-  a time (a lock held per decoding step), so concurrent and streaming requests interleave token
-  by token without touching each other's state.
+* Errors are OpenAI-style JSON (``{"error": {"message", "type", "param", "code"}}``): 400 for
+  bad parameters, malformed or too deeply nested JSON and prompts over the context window
+  (``code: context_length_exceeded``), 401 for a wrong key, 404 for an unknown model or path,
+  408 for a body not sent within ``request_timeout``, 411 for a body without a length, 413
+  for a body over ``max_body_bytes``, 429 with ``Retry-After`` when the generation queue is
+  full, 503 when a request waited in the queue past ``request_timeout``. Malformed HTTP (e.g.
+  ``Content-Length: -1``) gets uvicorn's 400.
+* Limits (:class:`Limits`, each a ``deeplm serve`` flag): ``max_batch`` sequences are decoded
+  at a time, together in one batch, and ``queue_size`` more may wait
+  (:mod:`deeplm.serve.scheduler`); ``request_timeout`` bounds a request's time in the queue and
+  in generation (a generation cut by it ends with ``finish_reason: "length"``); connections idle
+  for ``keep_alive_timeout`` seconds are closed, including ones that never send a request;
+  ``max_connections`` bounds open connections (503 beyond). Ctrl-C / SIGTERM stop gracefully:
+  no new connections, running requests get ``graceful_timeout`` seconds to finish.
 * Parameters: ``max_tokens`` (``max_completion_tokens``), ``temperature`` (0 = greedy),
   ``top_p``, ``n``, ``stop`` (string or up to 4 strings), ``seed``, ``stream``,
   ``stream_options.include_usage``, ``echo`` (completions), plus the extensions ``top_k`` and
   ``repetition_penalty``. ``presence_penalty``/``frequency_penalty`` are accepted only as 0,
-  ``logprobs`` only when off; ``prompt`` may be a string or a list of strings.
+  ``logprobs`` only when off; ``prompt`` may be a string or a list of strings. With ``n`` > 1 (or
+  several prompts) the streamed chunks of the choices interleave; each carries its ``index``.
 * Context: the prompt plus ``max_tokens`` must fit the model's context (``max_seq_len``); when
-  ``max_tokens`` is omitted, completions default to 16 tokens and chat to the room left, both
-  capped to fit.
+  ``max_tokens`` is omitted, completions default to 16 tokens and chat to the room left.
 * Chat uses the template of :mod:`deeplm.chat`; the reply ends at ``<|end|>``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import os
+import socket
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from deeplm.chat import ChatError, format_chat, stop_token_ids
 from deeplm.export import LoadedModel
-from deeplm.model.generate import TextStream
+from deeplm.model.generate import TextAssembler
+from deeplm.serve.scheduler import Job, QueueFull, Scheduler
+from deeplm.serve.schemas import (
+    MAX_N,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Sampling,
+    validate_request,
+)
 
-MAX_BODY = 1 << 20  # bytes
-MAX_N = 8
 DEFAULT_COMPLETION_TOKENS = 16
 
 
-class APIError(Exception):
-    """An error answered to the client as OpenAI-style JSON."""
+@dataclass
+class Limits:
+    """The server's limits (see the module docstring)."""
 
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        type_: str = "invalid_request_error",
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type_
+    max_batch: int = 8
+    queue_size: int = 64
+    request_timeout: float = 300.0
+    max_body_bytes: int = 1 << 20
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 256
+    graceful_timeout: float = 10.0
 
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+    def check(self) -> None:
+        """Raise ValueError naming the first limit out of range."""
+        for name in ("max_batch", "queue_size", "max_body_bytes", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("request_timeout", "keep_alive_timeout", "graceful_timeout"):
+            value = getattr(self, name)
+            if not value > 0 or value == float("inf"):
+                msg = f"{_flag(name)} must be a positive number of seconds, got {value}"
+                raise ValueError(msg)
 
 
-# ---------------------------------------------------------------------------- validation
-
-
-def _number(
-    body: dict[str, Any], key: str, default: float | None, lo: float, hi: float
-) -> float | None:
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise APIError(400, f"'{key}' must be a number, got {v!r}", key)
-    if not lo <= v <= hi:
-        raise APIError(400, f"'{key}' must be between {lo} and {hi}, got {v}", key)
-    return float(v)
-
-
-def _integer(
-    body: dict[str, Any], key: str, default: int | None, lo: int, hi: int | None = None
-) -> int | None:
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise APIError(400, f"'{key}' must be an integer, got {v!r}", key)
-    if v < lo or (hi is not None and v > hi):
-        bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise APIError(400, f"'{key}' must be {bound}, got {v}", key)
-    return v
-
-
-def _stops(body: dict[str, Any]) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise APIError(400, "'stop' must be a string or a list of strings", "stop")
-    if len(stop) > 4:
-        raise APIError(400, "'stop' takes at most 4 sequences", "stop")
-    return [s for s in stop if s]
-
-
-class Sampling:
-    """Validated sampling parameters of one request."""
-
-    def __init__(self, body: dict[str, Any], chat: bool) -> None:
-        for key in ("presence_penalty", "frequency_penalty"):
-            if _number(body, key, 0.0, -2.0, 2.0):
-                raise APIError(400, f"'{key}' is not supported (use repetition_penalty)", key)
-        if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs"):
-            raise APIError(400, "'logprobs' is not supported", "logprobs")
-        if body.get("tools") or body.get("functions"):
-            raise APIError(400, "tools / function calling are not supported", "tools")
-        self.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-        self.top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-        if self.top_p == 0.0:
-            raise APIError(400, "'top_p' must be > 0", "top_p")
-        self.top_k = _integer(body, "top_k", None, 0)
-        self.repetition_penalty = _number(body, "repetition_penalty", 1.0, 0.01, 10.0)
-        self.n = _integer(body, "n", 1, 1, MAX_N)
-        self.seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
-        key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-        self.max_tokens_key = key
-        self.max_tokens = _integer(body, key, None, 1)
-        self.stop = _stops(body)
-        self.stream = bool(body.get("stream", False))
-        opts = body.get("stream_options") or {}
-        if not isinstance(opts, dict):
-            raise APIError(400, "'stream_options' must be an object", "stream_options")
-        self.include_usage = bool(opts.get("include_usage", False))
+def _flag(name: str) -> str:
+    """A limit's name with its ``deeplm serve`` flag, e.g. ``max_batch (--max-batch)``."""
+    if name == "graceful_timeout":  # not a flag
+        return name
+    return f"{name} (--{name.replace('_', '-')})"
 
 
 # ---------------------------------------------------------------------------- the service
 
 
 class ModelService:
-    """The model, its tokenizer, and the lock that serialises model steps."""
+    """The model, its tokenizer, and the scheduler that runs every generation."""
 
-    def __init__(self, loaded: LoadedModel, model_id: str | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, model_id: str | None, limits: Limits) -> None:
         self.loaded = loaded
         self.model = loaded.model.eval()
         self.tokenizer = loaded.tokenizer
         self.model_id = model_id or loaded.name
         self.context = loaded.cfg.max_seq_len
-        self.lock = threading.Lock()
+        self.limits = limits
+        self.scheduler = Scheduler(self.model, limits.max_batch, limits.queue_size)
         self.created = int(time.time())
 
     def model_card(self) -> dict[str, Any]:
@@ -172,10 +127,7 @@ class ModelService:
             "context_length": self.context,
         }
 
-    def check_model(self, body: dict[str, Any]) -> None:
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise APIError(400, "'model' is required", "model")
+    def check_model(self, model: str) -> None:
         if model != self.model_id:
             raise APIError(
                 404,
@@ -209,54 +161,96 @@ class ModelService:
             )
         return s.max_tokens
 
-    def stream(
-        self, prompt_ids: list[int], max_new: int, s: Sampling, index: int, chat: bool
-    ) -> TextStream:
-        gen = torch.Generator(device=self.loaded.device)
-        if s.seed is not None:
-            gen.manual_seed((s.seed + index) % (2**63))
-        else:
-            gen.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-        return TextStream(
-            self.model,
-            self.tokenizer,
-            prompt_ids,
-            max_new,
-            temperature=s.temperature or 0.0,
-            top_k=s.top_k or None,
-            top_p=s.top_p if s.top_p is not None and s.top_p < 1.0 else None,
-            repetition_penalty=s.repetition_penalty or 1.0,
-            stop=s.stop,
-            stop_token_ids=stop_token_ids(self.tokenizer) if chat else [self.tokenizer.eos_id],
-            generator=gen,
-            lock=self.lock,
-        )
-
-    # -------------------------------------------------------------- request -> prompts
-
-    def completion_prompts(self, body: dict[str, Any]) -> list[tuple[str, list[int]]]:
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = prompt
-        else:
-            raise APIError(
-                400, "'prompt' must be a string or a non-empty list of strings", "prompt"
-            )
+    def completion_prompts(self, prompt: str | list[str]) -> list[tuple[str, list[int]]]:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
         if len(prompts) > MAX_N:
             raise APIError(400, f"at most {MAX_N} prompts per request", "prompt")
         bos = self.tokenizer.bos_id
         return [(p, [bos] + self.tokenizer.encode(p)) for p in prompts]
 
-    def chat_prompt(self, body: dict[str, Any]) -> list[int]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "'messages' must be a non-empty list", "messages")
+    def chat_prompt(self, messages: list[Any]) -> list[int]:
         try:
             return format_chat(self.tokenizer, messages, None).ids
         except ChatError as exc:
             raise APIError(400, str(exc), "messages") from None
+
+    def job(
+        self, ids: list[int], max_new: int, s: Sampling, index: int, chat: bool, emit: Callable
+    ) -> Job:
+        gen = torch.Generator(device=self.loaded.device)
+        if s.seed is not None:
+            gen.manual_seed((s.seed + index) % (2**63))
+        else:
+            gen.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        stops = stop_token_ids(self.tokenizer) if chat else [self.tokenizer.eos_id]
+        return Job(
+            prompt=ids,
+            max_new=max_new,
+            assembler=TextAssembler(self.tokenizer, s.stop, stops),
+            emit=emit,
+            deadline=time.monotonic() + self.limits.request_timeout,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            repetition_penalty=s.repetition_penalty,
+            generator=gen,
+            stream=s.stream,
+        )
+
+    def submit(self, specs: list[tuple[int, list[int], int]], s: Sampling, chat: bool) -> Run:
+        """Queue ``(index, prompt ids, max_new)`` sequences; 429 when the queue is full."""
+        run = Run()
+        jobs = [
+            self.job(ids, max_new, s, index, chat, run.emitter(index))
+            for index, ids, max_new in specs
+        ]
+        run.jobs = jobs
+        try:
+            self.scheduler.submit(jobs)
+        except QueueFull as exc:
+            raise APIError(
+                429,
+                str(exc),
+                code="rate_limit_exceeded",
+                type_="server_busy",
+                headers={"Retry-After": str(exc.retry_after)},
+            ) from None
+        return run
+
+
+class Run:
+    """The events of one request's sequences, delivered to its event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self.jobs: list[Job] = []
+        self.pending = 0
+
+    def emitter(self, index: int) -> Callable[[tuple[Any, ...]], None]:
+        self.pending += 1
+
+        def emit(event: tuple[Any, ...]) -> None:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, *event))
+
+        return emit
+
+    async def events(self) -> AsyncIterator[tuple[Any, ...]]:
+        """``(index, kind, ...)`` until every sequence is done; an error raises APIError."""
+        try:
+            while self.pending:
+                event = await self.queue.get()
+                if event[1] in ("done", "error"):
+                    self.pending -= 1
+                if event[1] == "error":
+                    raise APIError(event[2], event[3], type_="server_error")
+                yield event
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancel()
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -267,218 +261,8 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     }
 
 
-# ---------------------------------------------------------------------------- HTTP
-
-
-class Handler(BaseHTTPRequestHandler):
-    """One HTTP connection (HTTP/1.1, keep-alive; SSE responses use chunked encoding)."""
-
-    protocol_version = "HTTP/1.1"
-    server_version = "deeplm"
-    service: ModelService  # set on the subclass made by make_server
-    api_key: str | None = None
-    quiet: bool = False
-
-    # -------------------------------------------------------------- plumbing
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        if not self.quiet:
-            super().log_message(format, *args)
-
-    def _send_json(self, status: int, obj: dict[str, Any]) -> None:
-        data = json.dumps(obj).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _read_body(self) -> dict[str, Any]:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                raise APIError(411, "chunked request bodies are not supported; send Content-Length")
-            raise APIError(400, "a JSON body is required")
-        try:
-            n = int(length)
-        except ValueError:
-            raise APIError(400, "invalid Content-Length") from None
-        if n > MAX_BODY:
-            self.close_connection = True
-            raise APIError(413, f"request body over {MAX_BODY} bytes")
-        raw = self.rfile.read(n)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"invalid JSON body: {exc}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the JSON body must be an object")
-        return body
-
-    def _authorize(self) -> None:
-        if self.api_key is None:
-            return
-        if self.headers.get("Authorization", "") != f"Bearer {self.api_key}":
-            raise APIError(
-                401, "invalid API key", code="invalid_api_key", type_="authentication_error"
-            )
-
-    _streaming = False
-
-    def _sse_start(self) -> None:
-        self._streaming = True
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-
-    def _sse(self, obj: dict[str, Any] | str) -> None:
-        data = obj if isinstance(obj, str) else json.dumps(obj)
-        payload = f"data: {data}\n\n".encode()
-        self.wfile.write(f"{len(payload):X}\r\n".encode() + payload + b"\r\n")
-        self.wfile.flush()
-
-    def _sse_end(self) -> None:
-        self._sse("[DONE]")
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
-
-    # -------------------------------------------------------------- routing
-
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
-        try:
-            self._authorize()
-            path = self.path.split("?", 1)[0].rstrip("/")
-            svc = self.service
-            if path == "/health":
-                self._send_json(200, {"status": "ok", "model": svc.model_id})
-            elif path == "/v1/models":
-                self._send_json(200, {"object": "list", "data": [svc.model_card()]})
-            elif path.startswith("/v1/models/"):
-                name = path[len("/v1/models/") :]
-                if name != svc.model_id:
-                    raise APIError(
-                        404, f"The model '{name}' does not exist", "model", "model_not_found"
-                    )
-                self._send_json(200, svc.model_card())
-            else:
-                raise APIError(404, f"no route GET {path}", code="not_found")
-        except APIError as exc:
-            self._send_json(exc.status, exc.body())
-
-    def do_POST(self) -> None:  # noqa: N802 - stdlib name
-        try:
-            self._authorize()
-            path = self.path.split("?", 1)[0].rstrip("/")
-            if path not in ("/v1/completions", "/v1/chat/completions"):
-                raise APIError(404, f"no route POST {path}", code="not_found")
-            body = self._read_body()
-            self.service.check_model(body)
-            if path == "/v1/completions":
-                self._completions(body)
-            else:
-                self._chat(body)
-        except APIError as exc:
-            self._send_json(exc.status, exc.body())
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client went away mid-stream
-        except Exception as exc:  # a bug or a model error: answer 500 if nothing was sent yet
-            self.close_connection = True
-            if not self._streaming:
-                err = APIError(
-                    500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error"
-                )
-                self._send_json(500, err.body())
-            raise
-
-    # -------------------------------------------------------------- endpoints
-
-    def _completions(self, body: dict[str, Any]) -> None:
-        svc = self.service
-        s = Sampling(body, chat=False)
-        echo = bool(body.get("echo", False))
-        prompts = svc.completion_prompts(body)
-        jobs = []  # (choice index, prompt text, ids, max_new)
-        for p_idx, (text, ids) in enumerate(prompts):
-            max_new = svc.budget(len(ids), s, chat=False)
-            for j in range(s.n):  # type: ignore[arg-type]
-                jobs.append((p_idx * s.n + j, text, ids, max_new))  # type: ignore[operator]
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        base = {"id": rid, "object": "text_completion", "created": created, "model": svc.model_id}
-        prompt_tokens = sum(len(ids) for _, ids in prompts)
-        if s.stream:
-            self._sse_start()
-            completion_tokens = 0
-            for index, text, ids, max_new in jobs:
-                stream = svc.stream(ids, max_new, s, index, chat=False)
-                if echo:
-                    self._sse(base | {"choices": [_cchoice(index, text, None)]})
-                for piece in stream:
-                    self._sse(base | {"choices": [_cchoice(index, piece, None)]})
-                completion_tokens += len(stream.token_ids)
-                self._sse(base | {"choices": [_cchoice(index, "", stream.finish_reason)]})
-            if s.include_usage:
-                self._sse(base | {"choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-            self._sse_end()
-            return
-        choices = []
-        completion_tokens = 0
-        for index, text, ids, max_new in jobs:
-            stream = svc.stream(ids, max_new, s, index, chat=False)
-            out = "".join(stream)
-            completion_tokens += len(stream.token_ids)
-            choices.append(_cchoice(index, (text if echo else "") + out, stream.finish_reason))
-        self._send_json(
-            200, base | {"choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
-        )
-
-    def _chat(self, body: dict[str, Any]) -> None:
-        svc = self.service
-        s = Sampling(body, chat=True)
-        ids = svc.chat_prompt(body)
-        max_new = svc.budget(len(ids), s, chat=True)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        base = {
-            "id": rid,
-            "object": "chat.completion.chunk" if s.stream else "chat.completion",
-            "created": created,
-            "model": svc.model_id,
-        }
-        if s.stream:
-            self._sse_start()
-            completion_tokens = 0
-            for index in range(s.n):  # type: ignore[arg-type]
-                stream = svc.stream(ids, max_new, s, index, chat=True)
-                role = {"role": "assistant", "content": ""}
-                self._sse(base | {"choices": [_dchoice(index, role, None)]})
-                for piece in stream:
-                    self._sse(base | {"choices": [_dchoice(index, {"content": piece}, None)]})
-                completion_tokens += len(stream.token_ids)
-                self._sse(base | {"choices": [_dchoice(index, {}, stream.finish_reason)]})
-            if s.include_usage:
-                usage = _usage(len(ids) * s.n, completion_tokens)  # type: ignore[operator]
-                self._sse(base | {"choices": [], "usage": usage})
-            self._sse_end()
-            return
-        choices = []
-        completion_tokens = 0
-        for index in range(s.n):  # type: ignore[arg-type]
-            stream = svc.stream(ids, max_new, s, index, chat=True)
-            out = "".join(stream)
-            completion_tokens += len(stream.token_ids)
-            choices.append(
-                {
-                    "index": index,
-                    "message": {"role": "assistant", "content": out},
-                    "finish_reason": stream.finish_reason,
-                    "logprobs": None,
-                }
-            )
-        usage = _usage(len(ids) * s.n, completion_tokens)  # type: ignore[operator]
-        self._send_json(200, base | {"choices": choices, "usage": usage})
+def _sse(obj: dict[str, Any] | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
 def _cchoice(index: int, text: str, finish: str | None) -> dict[str, Any]:
@@ -489,6 +273,341 @@ def _dchoice(index: int, delta: dict[str, Any], finish: str | None) -> dict[str,
     return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
 
 
+async def _stream_response(run: Run, chunks: AsyncIterator[str]) -> StreamingResponse:
+    """Wait for the first chunk (so queue errors still get their status code), then stream.
+    A client that hangs up cancels its sequences."""
+    try:
+        first = await chunks.__anext__()
+    except BaseException:
+        run.cancel()
+        raise
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        except APIError as exc:  # after the 200: tell the client in the stream
+            yield _sse(exc.body())
+        finally:
+            run.cancel()
+
+    headers = {"Cache-Control": "no-cache"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+# ---------------------------------------------------------------------------- HTTP
+
+
+async def _read_json(request: Request, limits: Limits) -> dict[str, Any]:
+    """The request's JSON object; 411/413/400 for a missing length, a big or a bad body, 408
+    for a body that does not arrive within ``request_timeout``."""
+    try:
+        return await asyncio.wait_for(
+            _read_json_body(request, limits.max_body_bytes), limits.request_timeout
+        )
+    except TimeoutError:
+        msg = f"the request body did not arrive within {limits.request_timeout:g} s"
+        raise APIError(408, msg, headers={"Connection": "close"}) from None
+
+
+async def _read_json_body(request: Request, max_bytes: int) -> dict[str, Any]:
+    length = request.headers.get("content-length")
+    chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
+    if length is None and not chunked:
+        raise APIError(411, "a JSON body with a Content-Length is required")
+    if length is not None and (not length.isdigit() or int(length) > max_bytes):
+        raise APIError(413, f"request body over {max_bytes} bytes")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > max_bytes:
+            raise APIError(413, f"request body over {max_bytes} bytes")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+        msg = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise APIError(400, f"invalid JSON body: {msg}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the JSON body must be an object")
+    return body
+
+
+def build_app(svc: ModelService, api_key: str | None = None) -> FastAPI:
+    """The FastAPI application serving ``svc`` (the scheduler runs while the app is up)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc.scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(svc.scheduler.stop)
+
+    app = FastAPI(
+        title="deeplm",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+
+    if api_key is not None:
+        app.add_middleware(BearerAuth, api_key=api_key)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        msg = f"no route {request.method} {request.url.path}" if code else str(exc.detail)
+        return APIError(exc.status_code, msg, code=code).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        msg = f"internal error: {type(exc).__name__}: {exc}"
+        return APIError(500, msg, type_="server_error").response()
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": svc.model_id} | svc.scheduler.load()
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [svc.model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        if name != svc.model_id:
+            raise APIError(404, f"The model '{name}' does not exist", "model", "model_not_found")
+        return svc.model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = await _read_json(request, svc.limits)
+        return await _completions(svc, validate_request(CompletionRequest, body))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        body = await _read_json(request, svc.limits)
+        return await _chat(svc, validate_request(ChatRequest, body))
+
+    return app
+
+
+# ---------------------------------------------------------------------------- endpoints
+
+
+async def _completions(svc: ModelService, req: CompletionRequest) -> Any:
+    svc.check_model(req.model)
+    s = Sampling(req, chat=False)
+    prompts = svc.completion_prompts(req.prompt)
+    specs, texts = [], {}
+    for p_idx, (text, ids) in enumerate(prompts):
+        max_new = svc.budget(len(ids), s, chat=False)
+        for j in range(s.n):
+            specs.append((p_idx * s.n + j, ids, max_new))
+            texts[p_idx * s.n + j] = text
+    prompt_tokens = sum(len(ids) for _, ids in prompts)
+    base = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": svc.model_id,
+    }
+    run = svc.submit(specs, s, chat=False)
+    echo = bool(req.echo)
+    if s.stream:
+        return await _stream_response(
+            run, _completion_chunks(run, base, texts, echo, s, prompt_tokens)
+        )
+    out = {i: texts[i] if echo else "" for i in texts}
+    finish, completion_tokens = {}, 0
+    async for event in run.events():
+        if event[1] == "done":  # not streamed: the whole text comes with "done"
+            out[event[0]] += event[4]
+            finish[event[0]] = event[2]
+            completion_tokens += event[3]
+    choices = [_cchoice(i, out[i], finish[i]) for i in sorted(out)]
+    return base | {"choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+
+
+async def _completion_chunks(
+    run: Run, base: dict, texts: dict[int, str], echo: bool, s: Sampling, prompt_tokens: int
+) -> AsyncIterator[str]:
+    if echo:
+        for i in sorted(texts):
+            yield _sse(base | {"choices": [_cchoice(i, texts[i], None)]})
+    completion_tokens = 0
+    async for event in run.events():
+        if event[1] == "piece":
+            yield _sse(base | {"choices": [_cchoice(event[0], event[2], None)]})
+        else:
+            completion_tokens += event[3]
+            yield _sse(base | {"choices": [_cchoice(event[0], "", event[2])]})
+    if s.include_usage:
+        yield _sse(base | {"choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+    yield _sse("[DONE]")
+
+
+async def _chat(svc: ModelService, req: ChatRequest) -> Any:
+    svc.check_model(req.model)
+    s = Sampling(req, chat=True)
+    ids = svc.chat_prompt(req.messages)
+    max_new = svc.budget(len(ids), s, chat=True)
+    base = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk" if s.stream else "chat.completion",
+        "created": int(time.time()),
+        "model": svc.model_id,
+    }
+    run = svc.submit([(i, ids, max_new) for i in range(s.n)], s, chat=True)
+    if s.stream:
+        return await _stream_response(run, _chat_chunks(run, base, s, len(ids) * s.n))
+    out = {i: "" for i in range(s.n)}
+    finish, completion_tokens = {}, 0
+    async for event in run.events():
+        if event[1] == "done":  # not streamed: the whole text comes with "done"
+            out[event[0]] = event[4]
+            finish[event[0]] = event[2]
+            completion_tokens += event[3]
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": out[i]},
+            "finish_reason": finish[i],
+            "logprobs": None,
+        }
+        for i in range(s.n)
+    ]
+    return base | {"choices": choices, "usage": _usage(len(ids) * s.n, completion_tokens)}
+
+
+async def _chat_chunks(run: Run, base: dict, s: Sampling, prompt_tokens: int) -> AsyncIterator[str]:
+    for i in range(s.n):
+        yield _sse(base | {"choices": [_dchoice(i, {"role": "assistant", "content": ""}, None)]})
+    completion_tokens = 0
+    async for event in run.events():
+        if event[1] == "piece":
+            yield _sse(base | {"choices": [_dchoice(event[0], {"content": event[2]}, None)]})
+        else:
+            completion_tokens += event[3]
+            yield _sse(base | {"choices": [_dchoice(event[0], {}, event[2])]})
+    if s.include_usage:
+        yield _sse(base | {"choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+    yield _sse("[DONE]")
+
+
+# ---------------------------------------------------------------------------- uvicorn
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP request needs ``Authorization: Bearer <api_key>`` (401)."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                err = APIError(
+                    401, "invalid API key", code="invalid_api_key", type_="authentication_error"
+                )
+                await err.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class IdleTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol, plus: a connection that has not sent a complete request head
+    within the keep-alive timeout is closed (uvicorn's own timer starts only after a first
+    response, and bytes of a partial request head cancel it)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+    def data_received(self, data: bytes) -> None:
+        # the timer keeps running until a complete request head arrives (handle_events stops it)
+        self.conn.receive_data(data)
+        self.handle_events()
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn's server; after a graceful stop on Ctrl-C / SIGTERM the process exits normally
+    (uvicorn would raise the signal again once shut down)."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        if hasattr(self, "_captured_signals"):
+            self._captured_signals.clear()
+
+
+class DeeplmServer:
+    """A bound uvicorn server for one model: :meth:`run` (blocking, stops on Ctrl-C/SIGTERM)
+    or :meth:`start` / :meth:`stop` (in a background thread, for tests and benchmarks)."""
+
+    def __init__(
+        self, app: FastAPI, service: ModelService, host: str, port: int, quiet: bool = True
+    ) -> None:
+        self.service = service
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((host, port))
+        except (OSError, OverflowError) as exc:  # OverflowError: a port over 65535
+            self.sock.close()
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise RuntimeError(f"cannot listen on {host}:{port}: {reason}") from None
+        self.sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
+        self.host, self.port = self.sock.getsockname()[:2]
+        limits = service.limits
+        config = uvicorn.Config(
+            app,
+            http=IdleTimeoutProtocol,
+            lifespan="on",
+            log_level="error" if quiet else "info",
+            access_log=not quiet,
+            timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]
+            limit_concurrency=limits.max_connections,
+            timeout_graceful_shutdown=limits.graceful_timeout,  # type: ignore[arg-type]
+        )
+        self.server = _UvicornServer(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    def run(self) -> None:
+        """Serve until Ctrl-C / SIGTERM (uvicorn's graceful shutdown)."""
+        self.server.run(sockets=[self.sock])
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Serve in a daemon thread; return once it accepts connections."""
+        self._thread = threading.Thread(target=self.run, name="deeplm-serve", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop a server started with :meth:`start` (graceful)."""
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
 def make_server(
     loaded: LoadedModel,
     host: str = "127.0.0.1",
@@ -496,16 +615,14 @@ def make_server(
     model_id: str | None = None,
     api_key: str | None = None,
     quiet: bool = False,
-) -> ThreadingHTTPServer:
-    """A ready (bound, not yet serving) HTTP server for ``loaded``; ``port=0`` picks a free
-    port (read it from ``server.server_address``). Call ``serve_forever()`` to serve."""
-    service = ModelService(loaded, model_id)
-    handler = type(
-        "DeeplmHandler", (Handler,), {"service": service, "api_key": api_key, "quiet": quiet}
-    )
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    limits: Limits | None = None,
+) -> DeeplmServer:
+    """A bound, not yet serving, server for ``loaded``; ``port=0`` picks a free port (read it
+    from ``server.port``)."""
+    limits = limits or Limits()
+    limits.check()
+    service = ModelService(loaded, model_id, limits)
+    return DeeplmServer(build_app(service, api_key), service, host, port, quiet)
 
 
 def serve(
@@ -516,15 +633,15 @@ def serve(
     api_key: str | None = None,
     quiet: bool = False,
     log: Any = print,
+    limits: Limits | None = None,
 ) -> None:
-    """Serve until interrupted (Ctrl-C / SIGTERM)."""
-    server = make_server(loaded, host, port, model_id, api_key, quiet)
-    h, p = server.server_address[:2]
-    mid = server.RequestHandlerClass.service.model_id  # type: ignore[attr-defined]
-    log(f"deeplm serve: model '{mid}' ({loaded.source}) on http://{h}:{p}/v1")
-    try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    """Serve until interrupted (Ctrl-C / SIGTERM), then shut down gracefully."""
+    server = make_server(loaded, host, port, model_id, api_key, quiet, limits)
+    lim = server.service.limits
+    log(f"deeplm serve: model '{server.service.model_id}' ({loaded.source}) on {server.url}")
+    log(
+        f"limits: {lim.max_batch} generations at a time, {lim.queue_size} queued, "
+        f"request timeout {lim.request_timeout:g} s, body {lim.max_body_bytes} bytes, "
+        f"idle connections closed after {lim.keep_alive_timeout:g} s"
+    )
+    server.run()

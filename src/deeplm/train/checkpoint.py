@@ -152,12 +152,35 @@ def latest_checkpoint(phase_dir: Path, verify_files: bool = True) -> Checkpoint 
         try:
             verify(ckpt.path)
             return ckpt
-        except CheckpointError:
-            aside = ckpt.path.with_name(ckpt.path.name + ".corrupt")
-            if aside.exists():
-                shutil.rmtree(aside)
-            os.replace(ckpt.path, aside)
+        except CheckpointError as exc:
+            move_aside_corrupt(ckpt.path, str(exc))
     return None
+
+
+CORRUPT_NOTE = "CORRUPT"
+
+
+def move_aside_corrupt(path: Path, reason: str) -> Path:
+    """Rename a corrupted checkpoint folder to ``<name>.corrupt`` (replacing an older one) and
+    note ``reason`` in it, so :func:`corrupt_checkpoints` can tell later why it is not used."""
+    aside = path.with_name(path.name + ".corrupt")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(path, aside)
+    atomic_write_text(aside / CORRUPT_NOTE, reason + "\n")
+    return aside
+
+
+def corrupt_checkpoints(phase_dir: Path) -> list[tuple[Path, str]]:
+    """Checkpoints of a phase moved aside as corrupted, oldest first, with the reason."""
+    if not phase_dir.is_dir():
+        return []
+    out = []
+    for p in sorted(phase_dir.glob("step-*.corrupt")):
+        note = p / CORRUPT_NOTE
+        reason = note.read_text(encoding="utf-8").strip() if note.is_file() else "corrupted"
+        out.append((p, reason))
+    return out
 
 
 def load_weights(path: Path, model: nn.Module, verify_files: bool = True) -> None:

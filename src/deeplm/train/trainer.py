@@ -432,10 +432,22 @@ class PhaseTrainer:
         finally:
             self.metrics.close()
 
+    def _log_corrupt(self, known: set[Path], using: Path) -> None:
+        """Log the checkpoints found corrupt (and moved aside) since ``known`` was taken."""
+        for path, reason in ckpt.corrupt_checkpoints(self.dir):
+            if path not in known:
+                known.add(path)
+                self.hooks.log(
+                    f"[{self.phase.name}] checkpoint {path.name.removesuffix('.corrupt')} is "
+                    f"corrupt ({reason}); moved aside to {path.name}, resuming from {using.name}"
+                )
+
     def _latest_compatible(self) -> ckpt.Checkpoint | None:
         """The newest good checkpoint of this phase made with this run's tokenizer; checkpoints
         of another tokenizer (token ids mean something else) are moved aside, never resumed."""
+        known = {p for p, _ in ckpt.corrupt_checkpoints(self.dir)}
         while (latest := ckpt.latest_checkpoint(self.dir)) is not None:
+            self._log_corrupt(known, latest.path)
             if latest.meta.get("tokenizer_hash") in (None, self.tokenizer.hash):
                 return latest
             aside = latest.path.with_name(latest.path.name + ".other-tokenizer")

@@ -623,6 +623,26 @@ def run_stage(ctx: RunContext, spec: StageSpec) -> dict[str, Any]:
     return fn(ctx) if spec.arg is None else fn(ctx, spec.arg)
 
 
+def corrupt_checkpoint_warnings(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """One line per checkpoint moved aside as corrupted that is newer than every intact one,
+    i.e. the model in use is older than the run got (one trained again since is no news)."""
+    newest = (-1, -1)
+    corrupt = []
+    for i, phase in enumerate(cfg.phases):
+        folder = phase_dir(run_dir, i, phase)
+        for c in ckpt.list_checkpoints(folder):
+            newest = max(newest, (i, c.step))
+        for path, reason in ckpt.corrupt_checkpoints(folder):
+            digits = path.name.removeprefix("step-").removesuffix(".corrupt")
+            step = int(digits) if digits.isdigit() else 1 << 62
+            corrupt.append(((i, step), path, reason))
+    return [
+        f"checkpoint {path} is corrupt and not used ({reason})"
+        for key, path, reason in corrupt
+        if key > newest
+    ]
+
+
 def latest_model_checkpoint(run_dir: Path, cfg: RunConfig) -> Path | None:
     """The newest complete checkpoint of the latest phase that has one."""
     for i in reversed(range(len(cfg.phases))):

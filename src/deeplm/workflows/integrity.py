@@ -25,6 +25,7 @@ from pathlib import Path
 
 from deeplm.atomic import sha256_file
 from deeplm.config import RunConfig
+from deeplm.train.checkpoint import move_aside_corrupt
 from deeplm.workflows.state_db import StateDB
 
 
@@ -61,6 +62,9 @@ def check_artifact(db: StateDB, rec: dict) -> str | None:
     """None when the recorded artifact is intact, else what is wrong with it."""
     p = Path(rec["path"])
     if not p.is_file():
+        aside = p.parent.with_name(p.parent.name + ".corrupt") / p.name
+        if rec["kind"] == "checkpoint" and aside.exists():
+            return f"corrupt (found so earlier and moved aside to {aside.parent})"
         return "missing"
     size = p.stat().st_size
     if size != rec["bytes"]:
@@ -86,9 +90,11 @@ def reconcile(db: StateDB, cfg: RunConfig) -> list[str]:
                 continue
             p = Path(rec["path"])
             msg = f"{stage}: {p} {problem}"
-            if problem != "missing":
-                target = p.parent if rec["kind"] == "checkpoint" else p
-                aside = move_aside(target)
+            if p.is_file():  # altered here and now (not missing, not moved aside earlier)
+                if rec["kind"] == "checkpoint":
+                    aside = move_aside_corrupt(p.parent, f"{p.name} {problem}")
+                else:
+                    aside = move_aside(p)
                 msg += f"; moved aside to {aside}"
             findings.append(msg + "; the stage will be redone")
             to_reset.setdefault(stage, f"{p.name} {problem}")

@@ -15,11 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from deeplm.atomic import atomic_write_text
-from deeplm.config import RunConfig, config_from_json, config_to_json
+from deeplm.config import ConfigError, RunConfig, config_from_json, config_to_json
 from deeplm.train.checkpoint import DiskFullError
-from deeplm.workflows.activities import RunContext, StageStopped, pipeline_stages, run_stage
+from deeplm.workflows.activities import (
+    RunContext,
+    StageStopped,
+    corrupt_checkpoint_warnings,
+    pipeline_stages,
+    run_stage,
+)
 from deeplm.workflows.integrity import reconcile
-from deeplm.workflows.state_db import StateDB
+from deeplm.workflows.state_db import StateCorrupt, StateDB
 
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.db"
@@ -58,8 +64,9 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         fh.close()
 
 
-def open_run(run_dir: Path, cfg: RunConfig) -> StateDB:
+def open_run(run_dir: Path, cfg: RunConfig, log: Callable[[str], None] = print) -> StateDB:
     """Create or reopen a run directory for ``cfg``; a different config there is an error."""
+    repair_config_file(run_dir, cfg, log)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / CONFIG_FILE
     db = StateDB(run_dir / STATE_FILE)
@@ -73,11 +80,74 @@ def open_run(run_dir: Path, cfg: RunConfig) -> StateDB:
     return db
 
 
+def repair_config_file(run_dir: Path, cfg: RunConfig, log: Callable[[str], None]) -> None:
+    """A damaged ``config.json`` (invalid JSON or config) is rewritten from ``cfg`` when the
+    state database confirms ``cfg`` is this run's config (same fingerprint); otherwise
+    ConfigError naming the file. An intact or absent file is left alone."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file() or (problem := config_file_problem(path)) is None:
+        return
+    recorded = None
+    if (run_dir / STATE_FILE).is_file():
+        db = StateDB(run_dir / STATE_FILE, readonly=True)
+        try:
+            recorded = (db.run_info() or {}).get("config_json")
+        finally:
+            db.close()
+    if recorded != cfg.fingerprint():
+        raise ConfigError(
+            f"{path}: the run's config file is damaged ({problem}), and the config given is not "
+            f"the one recorded in {run_dir / STATE_FILE}: give the run's own --preset/--config "
+            "(its file is then rewritten), or restore the file"
+        )
+    atomic_write_text(path, config_to_json(cfg))
+    log(f"[integrity] {path} was damaged ({problem}); rewritten from the run's config")
+
+
+def config_file_problem(path: Path) -> str | None:
+    """None when ``path`` holds a valid run config, else what is wrong with it."""
+    try:
+        config_from_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ConfigError) as exc:
+        return str(exc)
+    return None
+
+
 def load_run_config(run_dir: Path) -> RunConfig:
+    """The config of the run in ``run_dir`` (its ``config.json``); a damaged file raises
+    ConfigError naming the file, the problem and the repair."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a deeplm run directory (no {CONFIG_FILE})")
-    return config_from_json(path.read_text(encoding="utf-8"))
+    try:
+        return config_from_json(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, ConfigError) as exc:
+        raise ConfigError(
+            f"{path}: the run's config file is damaged ({exc}). Repair it by running "
+            f"`deeplm run` once more with the run's --preset/--config and --run-dir {run_dir}: "
+            "the config is checked against the one recorded in state.db and the file rewritten"
+        ) from None
+
+
+def rebuild_state(run_dir: Path) -> Path | None:
+    """Move a damaged ``state.db`` (and its WAL files) aside to ``state.db.corrupt-<time>``
+    so the next run starts a fresh state; returns where it went (None: nothing to move, or the
+    database is readable and is kept)."""
+    path = Path(run_dir) / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        StateDB(path, readonly=True).close()
+        return None  # readable: nothing to rebuild
+    except StateCorrupt:
+        pass
+    aside = path.with_name(f"{STATE_FILE}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    for suffix in ("-wal", "-shm"):
+        extra = path.with_name(STATE_FILE + suffix)
+        if extra.exists():
+            os.replace(extra, aside.with_name(aside.name + suffix))
+    return aside
 
 
 def run_local(
@@ -92,7 +162,7 @@ def run_local(
     stages already done are skipped. Returns a summary."""
     run_dir = Path(run_dir)
     with run_lock(run_dir):
-        db = open_run(run_dir, cfg)
+        db = open_run(run_dir, cfg, log=log)
         ctx = RunContext(
             run_dir=run_dir, cfg=cfg, db=db, progress=progress, should_stop=should_stop, log=log
         )
@@ -195,6 +265,7 @@ def status(run_dir: Path) -> dict[str, Any]:
             "stages": stages,
             "phases": phases,
             "events": events,
+            "warnings": corrupt_checkpoint_warnings(run_dir, cfg),
         }
     finally:
         db.close()
@@ -234,6 +305,8 @@ def format_status(st: dict[str, Any]) -> str:
         for e in st["events"][-8:]:
             ts = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
             lines.append(f"  {ts} {e['stage'] or '-':<20} {e['kind']:<8} {e['message']}")
+    for line in st.get("warnings", []):
+        lines.append(f"warning: {line}")
     return "\n".join(lines)
 
 

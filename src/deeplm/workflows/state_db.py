@@ -106,12 +106,40 @@ class PhaseRow:
     metrics: dict[str, Any]
 
 
+class StateCorrupt(RuntimeError):
+    """The state database is not a readable SQLite database (its message says what to do)."""
+
+
+def corrupt_message(path: Path, exc: BaseException) -> str:
+    """What is wrong with the state database ``path`` and how to recover."""
+    return (
+        f"{path}: the run's state database is damaged ({exc}). The run's files (data, "
+        "tokenizer, shards, checkpoints) are not affected: rebuild the state from them with "
+        "`deeplm run --rebuild-state` and the run's usual --preset/--config and --run-dir (the "
+        "damaged file is kept as state.db.corrupt-<time>; stages re-check their outputs, "
+        "training resumes from the newest checkpoint)"
+    )
+
+
 class StateDB:
-    """Thread-safe handle on a run's SQLite state (one connection, serialised by a lock)."""
+    """Thread-safe handle on a run's SQLite state (one connection, serialised by a lock).
+
+    A file that is not a SQLite database raises :class:`StateCorrupt` on open."""
 
     def __init__(self, path: str | Path, readonly: bool = False, timeout_s: float = 30.0):
         self.path = Path(path)
         self.readonly = readonly
+        try:
+            self._open(readonly, timeout_s)
+        except sqlite3.DatabaseError as exc:
+            conn = getattr(self, "_conn", None)
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, sqlite3.OperationalError):  # locked, unreachable: not damage
+                raise
+            raise StateCorrupt(corrupt_message(self.path, exc)) from None
+
+    def _open(self, readonly: bool, timeout_s: float) -> None:
         if readonly:
             if not self.path.exists():
                 raise FileNotFoundError(
@@ -131,6 +159,7 @@ class StateDB:
         self._conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()
+        self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         if not readonly:
             self._migrate()
 
