@@ -295,6 +295,26 @@ def test_fsdp2_matches_one_process_and_shares_the_checkpoint_format(prepared, on
     _assert_close(ref, _weights(run, 6), FSDP_ATOL)
 
 
+def test_muon_under_ddp_matches_one_process(prepared, tmp_path):
+    """Muon + AdamW under DDP: the same orthogonalised updates as one process (the
+    Newton-Schulz iteration runs in bf16, so rounding of nearly equal gradients may differ:
+    FSDP_ATOL), and its two-optimizer state resumes across world sizes."""
+    cfg = _config(optimizer="muon", adamw_lr=1e-3)
+    one = _copy(prepared, tmp_path / "one")
+    (one / "config.json").write_text(config_to_json(cfg))
+    _train_in_process(one)
+    two = _copy(prepared, tmp_path / "two")
+    _torchrun(two, 2, cfg)
+    ref = _weights(one, 6)
+    _assert_close(ref, _weights(two, 6), FSDP_ATOL)
+    state = _state(two, 6)["optimizer"]
+    assert set(state) == {"muon", "adamw"}
+    shutil.rmtree(two / "checkpoints" / PHASE / "step-0000006")
+    (two / "config.json").write_text(config_to_json(cfg))
+    _train_in_process(two)  # the 2-process step-4 checkpoint, resumed in one process
+    _assert_close(ref, _weights(two, 6), FSDP_ATOL)
+
+
 def test_train_settings_are_validated_and_split_the_step():
     from deeplm.config import ConfigError
 
