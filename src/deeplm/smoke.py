@@ -120,7 +120,7 @@ def run_smoke_test(log=print) -> dict[str, float]:
         log(f"checkpoint round trip ok: {path.name}")
 
         out = generate(reloaded, x, max_new_tokens=8, temperature=0.0)
-        text = tok.decode(out[0, x.shape[1] :].tolist())
+        text = tok.decode_generated(out[0, x.shape[1] :].tolist())
         log(f"greedy sample: 'The house' -> {text!r}")
     seconds = time.perf_counter() - t0
     log(f"smoke test passed in {seconds:.1f}s")
