@@ -489,6 +489,7 @@ def tokenize(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
                 },
             )
             outputs[split] = {"tokens": meta.n_tokens, "docs": meta.n_docs}
+            ctx.log(f"[{stage}] {split}: {meta.n_docs:,} documents -> {meta.n_tokens:,} tokens")
     except ShardStopped as exc:
         ctx.db.pause_stage(stage, "tokenize stopped on request")
         raise StageStopped(str(exc)) from exc
