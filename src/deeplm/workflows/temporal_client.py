@@ -679,6 +679,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("start", help="start the pipeline (or attach to it) and follow it")
     which_run(p)
     p.add_argument("--with-worker", action="store_true", help="run a worker for this run too")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="apply config changes that cannot invalidate finished work (as deeplm run)",
+    )
     p.add_argument("--detach", action="store_true", help="return once the workflow has started")
     p.add_argument("--heartbeat-timeout", type=float, help="seconds (default 120)")
     p.add_argument("--train-timeout", type=float, help="hours a training stage may take (336)")
