@@ -382,3 +382,22 @@ def test_temporal_console_eta_and_worker_names():
     line = format_live({"id": "train:grammar", "attempt": 1, "heartbeat": hb})
     assert "ETA 1m00s" in line
     assert worker_identity("deeplm-gpu", "cpu", "h:1") == "deeplm-gpu queue on cpu@h:1"
+
+
+def test_log_lines_are_printed_above_the_progress_bar(monkeypatch):
+    import io
+
+    from tqdm import tqdm
+
+    from deeplm.cli import _StopFlag, console_log
+
+    screen = io.StringIO()  # stdout and the bar share one terminal
+    monkeypatch.setattr(sys, "stdout", screen)
+    bar = tqdm(total=10, file=screen, desc="grammar", mininterval=0)
+    bar.update(3)
+    console_log(_StopFlag())("[grammar] step 3/10 val loss 5.0000")
+    bar.close()
+    text = screen.getvalue()
+    at = text.index("[grammar] step 3/10")
+    assert text[at - 1] in "\r\n", repr(text[max(0, at - 40) : at + 10])  # not glued to the bar
+    assert text[at:].split("\n")[0] == "[grammar] step 3/10 val loss 5.0000"

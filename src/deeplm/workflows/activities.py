@@ -288,7 +288,8 @@ def prepare(ctx: RunContext) -> dict[str, Any]:
                         f"phase {phase.name!r}: no {s} documents left after cleaning "
                         f"(sources: {srcs}); add text or lower clean.min_chars"
                     )
-                _record(ctx, out, "docs", stage, {"phase": phase.name, "split": s, "docs": n})
+                meta = {"phase": phase.name, "split": s, "docs": n + replayed[0]}
+                _record(ctx, out, "docs", stage, meta | {"replay_docs": replayed[0]})
                 phase_report[f"{s}_docs"] = n + replayed[0]
             report[phase.name] = phase_report
     except StageStopped as exc:
