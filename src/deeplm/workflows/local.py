@@ -105,22 +105,34 @@ def open_run(
 
 
 def _describe(changed: dict[str, tuple[Any, Any]], limit: int = 12) -> str:
-    """The changed keys with old -> new values; when there are many, just every key's name
-    (a phase only one side has is one entry, ``phases.2.*``)."""
+    """The changed keys with old -> new values; when there are many, just their names, nested
+    keys cut at the phase's key (``phases.0.sources``) and grouped per phase
+    (``phases.0.{lr, sources}``; a phase only one side has is ``phases.2.*``)."""
     if len(changed) <= limit:
         return ", ".join(
             f"{k} ({json.dumps(a)} -> {json.dumps(b)})" for k, (a, b) in changed.items()
         )
-    names: list[str] = []
+    groups: dict[str, list[str]] = {}
     for key, (a, b) in changed.items():
         parts = key.split(".")
-        if parts[0] == "phases" and len(parts) > 2 and (a is None or b is None):
-            prefix = ".".join(parts[:2]) + "."
-            if all(None in v for k, v in changed.items() if k.startswith(prefix)):
-                key = prefix + "*"
-        if key not in names:
-            names.append(key)
-    return ", ".join(names)
+        if parts[0] != "phases" or len(parts) < 3:
+            groups.setdefault(key, [])
+            continue
+        prefix = ".".join(parts[:2])
+        one_sided = all(None in v for k, v in changed.items() if k.startswith(prefix + "."))
+        names = groups.setdefault(prefix, [])
+        name = "*" if one_sided else parts[2]
+        if name not in names:
+            names.append(name)
+    out = []
+    for key, names in groups.items():
+        if not names:
+            out.append(key)
+        elif names == ["*"] or len(names) == 1:
+            out.append(f"{key}.{names[0]}")
+        else:
+            out.append(f"{key}.{{{', '.join(names)}}}")
+    return ", ".join(out)
 
 
 def _stage_statuses(run_dir: Path) -> dict[str, str]:
