@@ -113,7 +113,7 @@ def _describe(changed: dict[str, tuple[Any, Any]], limit: int = 12) -> str:
             f"{k} ({json.dumps(a)} -> {json.dumps(b)})" for k, (a, b) in changed.items()
         )
     groups: dict[str, list[str]] = {}
-    for key, (a, b) in changed.items():
+    for key in changed:
         parts = key.split(".")
         if parts[0] != "phases" or len(parts) < 3:
             groups.setdefault(key, [])
