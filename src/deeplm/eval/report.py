@@ -30,8 +30,11 @@ if TYPE_CHECKING:
     from deeplm.workflows.state_db import StateDB
 
 
-def plot_losses(run_dir: Path, phases: list[str], out: Path) -> bool:
-    """Render train and validation loss per phase to one PNG; False when there is nothing."""
+def plot_losses(
+    run_dir: Path, phases: list[str], out: Path, replayed: frozenset[str] = frozenset()
+) -> bool:
+    """Render train and validation loss per phase to one PNG; False when there is nothing.
+    Phases in ``replayed`` train partly on earlier phases' text, and their train curve says so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,6 +52,8 @@ def plot_losses(run_dir: Path, phases: list[str], out: Path) -> bool:
             # with rare-token weighting the optimised loss counts rare tokens up to
             # rare_token_max_weight times: it sits above validation; the plain loss is beside it
             label = "train (rare-token weighted)" if unw else "train"
+            if name in replayed:
+                label += ", with replay"
             ax.plot(*zip(*tr), label=label, lw=1)
             drawn = True
         if unw:
@@ -76,11 +81,12 @@ def write_loss_plots(run_dir: Path, cfg: RunConfig, out_dir: Path) -> list[tuple
     """``loss_curves.png`` (every phase side by side) and ``loss_<phase>.png`` per phase in
     ``out_dir``; returns ``[(title, path)]``."""
     names = [p.name for p in cfg.phases]
+    replayed = frozenset(p.name for p in cfg.phases if p.replay)
     out = [("all phases", out_dir / "loss_curves.png")]
-    plot_losses(run_dir, names, out[0][1])
+    plot_losses(run_dir, names, out[0][1], replayed)
     for name in names:
         path = out_dir / f"loss_{name}.png"
-        plot_losses(run_dir, [name], path)
+        plot_losses(run_dir, [name], path, replayed)
         out.append((name, path))
     return out
 
