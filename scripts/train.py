@@ -13,6 +13,13 @@ def main(argv: list[str]) -> int:
 
         run_smoke_test()
         return 0
+    if "-h" in argv or "--help" in argv:
+        print(
+            "usage: scripts/train.py --smoke-test | [deeplm run options]\n\n"
+            "  --smoke-test  model, a short training run, checkpoint round trip and generation\n"
+            "                on CPU in seconds (nothing else is read or written)\n\n"
+            "Anything else is passed to `deeplm run`, whose options follow:\n"
+        )
     from deeplm.cli import main as cli_main
 
     return cli_main(["run", *argv])

@@ -10,6 +10,39 @@ import pytest
 from deeplm.workflows.state_db import SCHEMA_VERSION, StateDB
 
 
+def test_a_database_holds_one_run(tmp_path):
+    db = StateDB(tmp_path / "state.db")
+    db.init_run("mine", '{"a": 1}')
+    with pytest.raises(ValueError, match="holds run 'mine'"):
+        db.init_run("60m", '{"a": 1}')  # another name is another run: refused, not added
+    assert db.init_run("mine", '{"a": 2}', replace=True) is False  # a checked, allowed change
+    assert [r[0] for r in db._query("SELECT name FROM runs")] == ["mine"]
+    assert db.run_info()["config_json"] == '{"a": 2}'
+    db.close()
+
+
+def test_stage_owner_is_recorded_and_checked(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from deeplm.workflows.state_db import owner_alive
+
+    db = StateDB(tmp_path / "state.db")
+    db.start_stage("prepare")
+    owner = db.stage_owner("prepare")
+    assert owner is not None and owner["pid"] == os.getpid() and owner_alive(owner) is True
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert owner_alive(owner | {"pid": int(gone.stdout)}) is False
+    assert owner_alive(owner | {"host": "another-machine"}) is None
+    db.close()
+
+
 def test_wal_schema_and_stage_lifecycle(tmp_path):
     db = StateDB(tmp_path / "state.db")
     mode = db._conn.execute("PRAGMA journal_mode").fetchone()[0]

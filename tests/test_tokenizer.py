@@ -118,6 +118,21 @@ def test_stream_decoder_matches_decode(trained: Tokenizer) -> None:
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_decode_generated_never_shows_replacement_characters(trained: Tokenizer) -> None:
+    text = "Emoji 👨‍👩‍👧‍👦 and 中文 and café, a real \ufffd too"
+    ids = trained.encode(text)
+    assert trained.decode_generated(ids) == trained.decode(ids) == text
+    cut = [i for i in ids if "\ufffd" in trained.decode([i])]
+    assert cut, "this vocabulary splits some characters across tokens"
+    # a sample that stops inside a character, or a stray partial token in the middle
+    for partial in (ids[: ids.index(cut[0]) + 1], [cut[0], *trained.encode(" ok"), cut[-1]]):
+        assert "\ufffd" in trained.decode(partial)
+        assert "\ufffd" not in trained.decode_generated(partial)
+    specials = [trained.bos_id, *trained.encode("hi")]
+    assert trained.decode_generated(specials) == trained.decode(specials)
+    assert trained.decode_generated(specials, skip_special_tokens=True) == "hi"
+
+
 def test_hash_matches_file_and_is_canonical(trained: Tokenizer, tmp_path: Path) -> None:
     assert trained.hash == tokenizer_hash(trained.path)
     assert Tokenizer.load(trained.path).hash == trained.hash

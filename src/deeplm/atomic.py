@@ -38,6 +38,7 @@ def _current_umask() -> int:
 
 # Read once at import; files created here get the same permissions as ``open(path, "w")`` would.
 _FILE_MODE = 0o666 & ~_current_umask()
+FILE_MODE = _FILE_MODE  # public: for files written by other libraries (e.g. safetensors)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

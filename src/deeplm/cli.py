@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from deeplm.config import ConfigError, RunConfig, list_presets, load_config
@@ -47,6 +49,33 @@ class _StopFlag:
         return self.stop
 
 
+def console_log(flag: _StopFlag) -> Callable[[str], None]:
+    """How ``deeplm run`` prints a line: above any progress bar (not into it), and a closed
+    stdout (``deeplm run ... | head``) stops the run at the next safe point, as Ctrl-C does,
+    instead of killing it in the middle of a stage."""
+
+    def log(line: str) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # later writes (and exit's flush) go nowhere
+            os.close(devnull)
+            if not flag.stop:
+                flag.stop = True
+                print(
+                    "deeplm: stdout was closed; stopping at the next safe point (run the same "
+                    "command again to resume)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    return log
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from deeplm.workflows.local import run_local
 
@@ -62,8 +91,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         _rebuild_state(run_dir)
     flag = _StopFlag()
     flag.install()
-    print(f"deeplm run: preset/config {args.preset or args.config} -> {run_dir}", flush=True)
-    summary = run_local(run_dir, cfg, should_stop=flag, data_only=args.command == "prepare")
+    log = console_log(flag)
+    log(f"deeplm run: preset/config {args.preset or args.config} -> {run_dir}")
+    summary = run_local(
+        run_dir,
+        cfg,
+        log=log,
+        should_stop=flag,
+        data_only=args.command == "prepare",
+        allow_config_change=args.allow_config_change,
+    )
     return 0 if summary["status"] in ("done",) else 3
 
 
@@ -285,6 +322,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from deeplm.eval.forgetting import warning_line
     from deeplm.eval.suite import SuiteOptions, evaluate_checkpoint, summary
 
     opts = SuiteOptions.quick() if args.quick else SuiteOptions()
@@ -296,6 +334,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         opts.probe_file = args.probe_file
     if args.samples is not None:
         opts.richness_samples = args.samples
+    if args.forgetting_margin is not None:
+        opts.forgetting_margin = args.forgetting_margin
+    if args.checkpoint and not Path(args.checkpoint).is_dir():
+        raise FileNotFoundError(
+            f"--checkpoint {args.checkpoint}: no such checkpoint folder (a checkpoint is a "
+            "folder like <run-dir>/checkpoints/1-grammar/step-0000100; `deeplm status` lists "
+            "each phase's last one)"
+        )
     if args.checkpoint and not args.run_dir:
         from deeplm.export import run_dir_of_checkpoint
 
@@ -325,6 +371,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"grammar: {g['accuracy']:.1%} of {g['n']} pairs ({cats})")
     rich = head["richness"]
     print("richness: " + ", ".join(f"{k} {v:.3f}" for k, v in rich.items() if v is not None))
+    for w in head["forgetting_warnings"]:
+        print(warning_line(w))
     print(f"results: {res['paths']['eval_json']}\nreport: {res['paths']['report']}")
     return 0
 
@@ -452,12 +500,30 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    """A TCP port for ``serve --port``: 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0 to 65535; 0 = any free)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeplm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def cfg_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--preset", help=f"a preset ({', '.join(list_presets())}); default tiny")
+        p.add_argument(
+            "--allow-config-change",
+            action="store_true",
+            help="resume a run with a changed config when no change can invalidate finished "
+            "work (training keys of a phase not started, eval/save cadence of a phase not "
+            "finished; docs/configuration.md)",
+        )
         p.add_argument("--config", help="a TOML config file (instead of --preset)")
         p.add_argument(
             "--set",
@@ -552,6 +618,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-file", help="a probe file (default: the packaged probes_v1.json)")
     p.add_argument("--samples", type=int, help="generated samples for vocabulary richness")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--forgetting-margin",
+        type=float,
+        help="warn when a later phase raised an earlier phase's val loss by more than this "
+        "many nats (default 0.1)",
+    )
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=cmd_eval)
 
@@ -570,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
     _model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--port", type=_port, default=8000, help="0 picks a free port")
     p.add_argument("--model-name", help="the model id clients use (default: the run's name)")
     p.add_argument("--api-key", help="require this bearer key (or set DEEPLM_API_KEY)")
     p.add_argument("--quiet", action="store_true", help="no access log")
@@ -599,6 +671,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deeplm: aborted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `deeplm status | head`: the reader has all it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ typo or a wrong type fails at start-up with a message naming the file and the ke
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -233,6 +234,10 @@ class PhaseConfig:
     # spike (> spike_factor x its running mean; 0 = off), halve the LR and double the warmup.
     max_rollbacks: int = 3
     spike_factor: float = 0.0
+    # Replay against forgetting: this fraction of the phase's training text (by characters) is a
+    # deterministic sample of the earlier phases' training documents, shared equally between
+    # them (0 = off; the first phase has nothing to replay). Validation data stays the phase's.
+    replay: float = 0.0
 
     def _validate_recipe(self, where: str) -> None:
         if self.schedule not in SCHEDULES:
@@ -352,6 +357,8 @@ class PhaseConfig:
             )
         if self.spike_factor < 0:
             raise ConfigError(f"{where}.spike_factor must be >= 0")
+        if not 0.0 <= self.replay < 1.0:
+            raise ConfigError(f"{where}.replay must be in [0, 1), got {self.replay}")
 
 
 @dataclass
@@ -408,6 +415,8 @@ class RunConfig:
             raise ConfigError(f"phase names must be unique, got {names}")
         for i, phase in enumerate(self.phases):
             phase.validate(f"phases[{i}]")
+            if i == 0 and phase.replay:
+                raise ConfigError("phases[0].replay: the first phase has no earlier data to replay")
             for f in phase.freeze:
                 if f.layers > self.model.n_layers:
                     raise ConfigError(
@@ -541,6 +550,17 @@ def _coerce(value: Any, tp: Any, key: str, origin_file: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
 
 
+# Names users write for a key of another name (suggested in "unknown key" errors).
+_ALIASES = {
+    "learning_rate": "lr",
+    "batch_size": "micro_batch",
+    "context_length": "seq_len",
+    "layers": "n_layers",
+    "heads": "n_heads",
+    "hidden_size": "d_model",
+}
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "", origin_file: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -549,7 +569,12 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "", origin_file: str =
         full = f"{prefix}.{key}" if prefix else key
         if key not in names:
             where = f"{origin_file}: " if origin_file else ""
-            raise ConfigError(f"{where}unknown key '{full}' (known: {', '.join(sorted(names))})")
+            close = [_ALIASES[key]] if _ALIASES.get(key) in names else []
+            close = close or difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+            hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"{where}unknown key '{full}' ({hint}known: {', '.join(sorted(names))})"
+            )
         kwargs[key] = _coerce(value, hints[key], full, origin_file)
     return cls(**kwargs)
 
@@ -582,7 +607,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for i, part in enumerate(parts[:-1]):
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"override {key!r}: no list index {part!r}")
+                    raise ConfigError(_bad_index(key, parts[:i], part, node))
                 node = node[int(part)]
             else:
                 node = node.setdefault(part, {})
@@ -592,11 +617,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         value = _parse_override_value(raw.strip())
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
-                raise ConfigError(f"override {key!r}: no list index {last!r}")
+                raise ConfigError(_bad_index(key, parts[:-1], last, node))
             node[int(last)] = value
         else:
             node[last] = value
     return data
+
+
+def _bad_index(key: str, path: list[str], index: str, items: list[Any]) -> str:
+    """The error for ``--set phases.9.lr=...`` on a config with fewer phases."""
+    what = ".".join(path)
+    count = f"{len(items)} {path[-1]}" if path and path[-1] == "phases" else f"{len(items)} {what}"
+    valid = f"0 to {len(items) - 1}" if items else "none"
+    names = ""
+    if path == ["phases"]:
+        names = " (" + ", ".join(f"{i}: {p.get('name', '?')}" for i, p in enumerate(items)) + ")"
+    return (
+        f"override {key!r}: the config has {count}{names}; {what} index {index!r} is not one "
+        f"of them (valid: {valid})"
+    )
 
 
 def list_presets() -> list[str]:
@@ -697,3 +736,74 @@ def config_to_json(cfg: RunConfig) -> str:
 
 def config_from_json(text: str) -> RunConfig:
     return config_from_dict(json.loads(text), "config.json")
+
+
+# --------------------------------------------------------------------------- comparing configs
+
+# Phase keys that change how a phase trains, never its data: with ``--allow-config-change`` they
+# may change for a phase whose training has not started.
+PHASE_TRAINING_KEYS = frozenset(
+    {
+        "tokens",
+        "seq_len",
+        "micro_batch",
+        "grad_accum",
+        "optimizer",
+        "lr",
+        "min_lr_ratio",
+        "warmup_frac",
+        "weight_decay",
+        "beta1",
+        "beta2",
+        "grad_clip",
+        "eval_batches",
+        "curriculum",
+        "freeze",
+        "rare_token_alpha",
+        "rare_token_max_weight",
+        "plateau_patience",
+        "plateau_min_delta",
+        "lora_rank",
+        "lora_alpha",
+        "lora_targets",
+        "spike_factor",
+    }
+)
+# Phase keys that change only when a phase evaluates, samples and checkpoints: with
+# ``--allow-config-change`` they may change for any phase that has not finished.
+PHASE_CADENCE_KEYS = frozenset(
+    {
+        "eval_every",
+        "save_every",
+        "keep_last",
+        "sample_every",
+        "sample_tokens",
+        "long_sample_tokens",
+        "prompts",
+        "max_rollbacks",
+    }
+)
+
+
+def flatten_config(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a config dict (``phases.0.lr``); lists of tables are indexed, lists of
+    plain values stay one value."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out |= flatten_config(value, f"{prefix}.{key}" if prefix else key)
+        return out
+    if _tables(data):
+        out = {}
+        for i, value in enumerate(data):
+            out |= flatten_config(value, f"{prefix}.{i}")
+        return out
+    return {prefix: data}
+
+
+def config_diff(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` for every key whose value differs (a key only
+    one side has is ``None`` on the other); ``base_dir`` is not compared."""
+    a, b = flatten_config(old.to_dict()), flatten_config(new.to_dict())
+    keys = sorted((set(a) | set(b)) - {"base_dir"})
+    return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}

@@ -120,8 +120,9 @@ def run_smoke_test(log=print) -> dict[str, float]:
         log(f"checkpoint round trip ok: {path.name}")
 
         out = generate(reloaded, x, max_new_tokens=8, temperature=0.0)
-        text = tok.decode(out[0, x.shape[1] :].tolist())
-        log(f"greedy sample: 'The house' -> {text!r}")
+        new_ids = out[0, x.shape[1] :].tolist()
+        text = tok.decode_generated(new_ids)  # partial UTF-8 of an untrained model: left out
+        log(f"greedy sample: 'The house' -> {text!r} ({len(new_ids)} new tokens)")
     seconds = time.perf_counter() - t0
     log(f"smoke test passed in {seconds:.1f}s")
     return {"seconds": seconds, "val_loss": outcome.val_loss}

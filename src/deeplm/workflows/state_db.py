@@ -13,6 +13,8 @@ a re-run resumes from it.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -78,6 +80,25 @@ _MIGRATIONS: dict[int, str] = {
     CREATE INDEX events_stage ON events(stage);
     """,
 }
+
+
+def owner_id() -> dict[str, Any]:
+    """This process, as recorded for the stages it starts."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def owner_alive(owner: dict[str, Any] | None) -> bool | None:
+    """Whether a stage's owner process still exists: None when it cannot be told (unknown
+    owner, or another machine), else True/False."""
+    if not owner or owner.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, ValueError, KeyError):
+        return True
+    return True
 
 
 @dataclass
@@ -228,22 +249,31 @@ class StateDB:
 
     # ------------------------------------------------------------------ runs
 
-    def init_run(self, name: str, config_json: str) -> bool:
-        """Record the run; returns True when it is new. A different config is an error."""
+    def init_run(self, name: str, config_json: str, replace: bool = False) -> bool:
+        """Record the run; returns True when it is new. A database holds one run: another name
+        is an error, and so is a different config unless ``replace`` (the caller checked that
+        the change is allowed)."""
         now = time.time()
         with self._tx() as c:
-            row = c.execute("SELECT config_json FROM runs WHERE name = ?", (name,)).fetchone()
-            if row is None:
+            rows = c.execute("SELECT name, config_json FROM runs").fetchall()
+            if not rows:
                 c.execute(
                     "INSERT INTO runs (name, config_json, created_at, updated_at) VALUES (?,?,?,?)",
                     (name, config_json, now, now),
                 )
                 self._event(c, None, "run", f"run {name!r} created")
                 return True
-            if row[0] != config_json:
+            names = [r[0] for r in rows]
+            if names != [name] or (rows[0][1] != config_json and not replace):
+                held = ", ".join(repr(n) for n in names)
                 raise ValueError(
-                    f"{self.path}: this run directory holds run {name!r} with a different "
+                    f"{self.path}: this run directory holds run {held} with a different "
                     "configuration; use a new --run-dir (nothing was changed)"
+                )
+            if rows[0][1] != config_json:
+                c.execute(
+                    "UPDATE runs SET config_json = ?, updated_at = ? WHERE name = ?",
+                    (config_json, now, name),
                 )
             return False
 
@@ -298,9 +328,24 @@ class StateDB:
                 name,
                 "start",
                 f"{name} {'resumed' if resumed else 'started'}",
-                {"cursor": json.loads(row["cursor_json"]), "attempt": row["attempts"]},
+                {
+                    "cursor": json.loads(row["cursor_json"]),
+                    "attempt": row["attempts"],
+                    "owner": owner_id(),
+                },
             )
         return self._stage_row(row)
+
+    def stage_owner(self, name: str) -> dict[str, Any] | None:
+        """``{"host", "pid"}`` of the process that last started stage ``name`` (from its start
+        event), or None when unknown."""
+        rows = self._query(
+            "SELECT data_json FROM events WHERE stage = ? AND kind = 'start' "
+            "ORDER BY id DESC LIMIT 1",
+            (name,),
+        )
+        owner = json.loads(rows[0]["data_json"]).get("owner") if rows else None
+        return owner if isinstance(owner, dict) else None
 
     def set_cursor(self, name: str, cursor: dict[str, Any]) -> None:
         """Persist a stage's resume cursor (called after the data it describes is durable)."""

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -234,6 +235,16 @@ async def describe_run(client: Any, workflow_id: str, query_timeout_s: float = 5
     return out
 
 
+def _heartbeat_eta(hb: dict[str, Any]) -> float | None:
+    """Seconds left in a training stage from its heartbeat (steps left at the measured speed)."""
+    step, total, tokens, speed = (
+        hb.get(k) for k in ("step", "total_steps", "tokens", "tokens_per_s")
+    )
+    if not (step and total and tokens and isinstance(speed, int | float) and speed > 0):
+        return None
+    return (total - step) * (tokens / step) / speed
+
+
 def format_live(act: dict[str, Any], now: float | None = None) -> str:
     """One line for a running stage from its latest heartbeat (``now``: when it was read)."""
     hb = act.get("heartbeat") or {}
@@ -247,6 +258,9 @@ def format_live(act: dict[str, Any], now: float | None = None) -> str:
         parts.append(f"{hb['tokens']:,} tokens")
     if isinstance(hb.get("loss"), int | float):
         parts.append(f"loss {hb['loss']:.4f}")
+    eta = _heartbeat_eta(hb)
+    if eta is not None:
+        parts.append(f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
     if hb.get("split"):
         parts.append(f"{hb['split']} doc {hb.get('last_doc_index')}")
     if hb.get("docs") is not None:
@@ -502,6 +516,7 @@ async def _follow(client: Any, handle: Any, wid: str, interval_s: float = 2.0) -
     task = asyncio.create_task(result())
     seen: dict[str, str] = {}
     last_live = 0.0
+    shown: dict[str, str] = {}  # the last line printed per stage, without its heartbeat age
     while not task.done():
         await asyncio.wait([task], timeout=interval_s)
         if task.done():
@@ -522,7 +537,11 @@ async def _follow(client: Any, handle: Any, wid: str, interval_s: float = 2.0) -
         if info["activities"] and now - last_live >= 10:
             last_live = now
             for act in info["activities"]:
-                print(f"{time.strftime('%H:%M:%S')} {format_live(act)}")
+                line = format_live(act)
+                key = re.sub(r", heartbeat \d+s ago", "", line)
+                if shown.get(act["id"]) != key:  # unchanged progress is not printed again
+                    shown[act["id"]] = key
+                    print(f"{time.strftime('%H:%M:%S')} {line}")
         sys.stdout.flush()
     try:
         out = task.result()
@@ -557,7 +576,8 @@ async def cmd_start(args: argparse.Namespace, cfg: RunConfig | None = None) -> i
     from deeplm.workflows.integrity import reconcile
     from deeplm.workflows.local import open_run
 
-    db = open_run(run_dir, cfg)  # a clear error now for a config that does not match
+    # a clear error now for a config that does not match
+    db = open_run(run_dir, cfg, getattr(args, "allow_config_change", False))
     try:  # as `deeplm run` does: a done stage whose outputs are missing or altered is redone
         for line in reconcile(db, cfg):
             print(f"[integrity] {line}", flush=True)
@@ -659,6 +679,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("start", help="start the pipeline (or attach to it) and follow it")
     which_run(p)
     p.add_argument("--with-worker", action="store_true", help="run a worker for this run too")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="apply config changes that cannot invalidate finished work (as deeplm run)",
+    )
     p.add_argument("--detach", action="store_true", help="return once the workflow has started")
     p.add_argument("--heartbeat-timeout", type=float, help="seconds (default 120)")
     p.add_argument("--train-timeout", type=float, help="hours a training stage may take (336)")

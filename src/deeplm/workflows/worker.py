@@ -54,6 +54,7 @@ def build_workers(
 
     names = task_queues(prefix)
     identity = f"{socket.gethostname()}:{os.getpid()}"
+    device = local_device()
     workers = []
     for kind in queues:
         workers.append(
@@ -67,10 +68,23 @@ def build_workers(
                 max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
                 default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
                 graceful_shutdown_timeout=timedelta(seconds=graceful_s),
-                identity=f"deeplm-{kind}@{identity}",
+                identity=worker_identity(names[kind], device, identity),
             )
         )
     return workers
+
+
+def local_device() -> str:
+    """The device this machine's stages train on (``cuda``, ``mps`` or ``cpu``)."""
+    from deeplm.train.device import select_device
+
+    return select_device("auto").type
+
+
+def worker_identity(queue: str, device: str, where: str) -> str:
+    """A worker's name: the task queue it serves and the device it really has, so a CPU-only
+    machine serving the gpu queue reads ``deeplm-gpu queue on cpu@host:pid``, never as a GPU."""
+    return f"{queue} queue on {device}@{where}"
 
 
 def _check_stage_registry() -> None:
