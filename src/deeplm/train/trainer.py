@@ -273,7 +273,10 @@ class PhaseTrainer:
 
     def _evaluate(self, step: int, tokens: int) -> float:
         seq_len = self.phase.context_at(max(0, step - 1)) if step else self.phase.context_at(0)
-        micro_batch = self.phase.micro_batch * self.phase.seq_len // seq_len
+        # the configured micro-batch, not a regrouped one: the evaluation windows stay the
+        # phase's (micro_batch * eval_batches), whatever the device groups training into
+        configured = self.cfg.phases[self.phase_idx]
+        micro_batch = configured.micro_batch * configured.seq_len // seq_len
         loss = evaluate_loss(
             self.model,
             self.val_shard,
