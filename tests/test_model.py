@@ -234,18 +234,21 @@ def test_chunked_head_matches_full_logits_loss_and_gradients(weighted: bool, bf1
     weights = torch.rand(3, 20) * 2 if weighted else None
     ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
-    def run(return_logits: bool, scale: float = 1.0):
+    def run(chunked: bool, scale: float = 1.0):
         model.zero_grad(set_to_none=True)
         with ctx:
-            first, loss = model(idx, targets, weights, return_logits=return_logits)
+            if chunked:
+                loss, first = model.loss(idx, targets, weights)
+            else:
+                first, loss = model(idx, targets, weights)
         (scale * loss).backward()
         return first, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    logits, ref_loss, ref_grads = run(True, 2.0)
+    logits, ref_loss, ref_grads = run(False, 2.0)
     old = fused_loss.CHUNK_ELEMENTS
     fused_loss.CHUNK_ELEMENTS = 7 * 64  # 7 rows per chunk: 60 rows in 9 chunks, one partial
     try:
-        unweighted, loss, grads = run(False, 2.0)
+        unweighted, loss, grads = run(True, 2.0)
     finally:
         fused_loss.CHUNK_ELEMENTS = old
     atol = 2e-2 if bf16 else 1e-5
@@ -259,7 +262,7 @@ def test_chunked_head_matches_full_logits_loss_and_gradients(weighted: bool, bf1
         torch.testing.assert_close(grads[name], g, atol=atol, rtol=1e-2, msg=name)
     # evaluation: no gradients kept, same loss
     with torch.no_grad(), ctx:
-        _, loss_eval = model(idx, targets, weights, return_logits=False)
+        loss_eval, _ = model.loss(idx, targets, weights)
     torch.testing.assert_close(loss_eval, ref_loss, atol=1e-5, rtol=1e-5)
 
 

@@ -174,7 +174,7 @@ def test_nan_loss_rolls_back_and_lowers_lr(corpus, tmp_path):
     out, trainer = _run(corpus, tmp_path, cfg, trainer_cls=NaNOnce, events=events)
     assert out.status == "done" and out.rollbacks == 1
     assert events.count("rollback") == 1
-    assert trainer.lr_scale == 0.5 and trainer.warmup_scale == 2.0
+    assert trainer.guard.lr_scale == 0.5 and trainer.guard.warmup_scale == 2.0
     train = [r for r in _records(tmp_path) if "loss" in r]
     assert all(np.isfinite(r["loss"]) for r in train)
     steps = [r["step"] for r in train]

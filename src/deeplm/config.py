@@ -271,8 +271,14 @@ class PhaseConfig:
                 length = stage.seq_len
         return length
 
+    def micro_batch_for(self, context: int) -> int:
+        """Windows per micro-batch at context length ``context``: the configured tokens per
+        micro-batch (``micro_batch * seq_len``) stay constant under the curriculum."""
+        return self.micro_batch * self.seq_len // context
+
     def micro_batch_at(self, step: int) -> int:
-        return self.micro_batch * self.seq_len // self.context_at(step)
+        """Windows per micro-batch at optimizer step ``step`` (0-based)."""
+        return self.micro_batch_for(self.context_at(step))
 
     def frozen_at(self, step: int) -> int:
         """Number of bottom blocks frozen at optimizer step ``step`` (0-based)."""

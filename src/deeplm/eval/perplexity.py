@@ -32,7 +32,7 @@ def evaluate_loss(
         for x, y in eval_batches(shard, seq_len, micro_batch, n_batches):
             x, y = x.to(device), y.to(device)
             with autocast_context(device, dtype):
-                _, loss = model(x, y, return_logits=False)
+                loss, _ = model.loss(x, y)
             total += loss.double() * x.shape[0]
             count += x.shape[0]
     finally:

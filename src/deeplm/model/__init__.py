@@ -3,6 +3,9 @@
 Public API::
 
     Transformer(cfg)                      model; forward(idx, targets=None, loss_weights=None)
+                                          -> (logits, loss); loss(idx, targets, loss_weights=None)
+                                          -> (loss, unweighted), chunked head, no logits
+    TrainingLoss(model)                   a module whose forward is model.loss (for DDP wrapping)
     describe(cfg) / count_parameters(cfg) exact parameter count (meta-device build)
     flops_per_token(cfg, seq_len)         6*N + 12*L*d*T training FLOPs per token
     generate(model, idx, max_new_tokens, ...) / stream_generate(...)
@@ -13,6 +16,7 @@ from deeplm.model.rope import RotaryEmbedding, apply_rotary, rotate_half
 from deeplm.model.transformer import (
     IGNORE_INDEX,
     KVCache,
+    TrainingLoss,
     Transformer,
     count_parameters,
     describe,
@@ -25,6 +29,7 @@ __all__ = [
     "IGNORE_INDEX",
     "KVCache",
     "RotaryEmbedding",
+    "TrainingLoss",
     "Transformer",
     "apply_rotary",
     "count_parameters",

@@ -290,19 +290,30 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward passes
 
     def forward(
-        self,
-        idx: Tensor,
-        targets: Tensor | None = None,
-        loss_weights: Tensor | None = None,
-        return_logits: bool = True,
+        self, idx: Tensor, targets: Tensor | None = None, loss_weights: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """``idx`` ``[B, T]`` (T <= max_seq_len) -> (float32 logits ``[B, T, V]``, loss or None).
 
-        ``return_logits=False`` (with ``targets``): the loss goes through
-        :func:`~deeplm.model.fused_loss.linear_cross_entropy`, chunked, without the full logits
-        tensor, and the first element is the detached *unweighted* loss instead of the logits
-        (equal to the loss without ``loss_weights``). Training uses this; it saves gigabytes.
+        The loss (with ``targets``) is :func:`lm_loss` over the full logits. Training, which needs
+        no logits, uses :meth:`loss` instead.
         """
+        logits = self.lm_head(self._hidden(idx)).float()
+        loss = None if targets is None else lm_loss(logits, targets, loss_weights)
+        return logits, loss
+
+    def loss(
+        self, idx: Tensor, targets: Tensor, loss_weights: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(loss, detached unweighted loss) of ``idx`` ``[B, T]`` against ``targets``, through
+        :func:`~deeplm.model.fused_loss.linear_cross_entropy`: chunked over the vocabulary, the
+        full logits tensor never exists (gigabytes saved in training). Without ``loss_weights``
+        the two values are equal. Wrappers that only intercept ``__call__`` (DDP,
+        ``torch.compile``) reach this through :class:`TrainingLoss`."""
+        return linear_cross_entropy(self._hidden(idx), self.lm_head.weight, targets, loss_weights)
+
+    def _hidden(self, idx: Tensor) -> Tensor:
+        """The final-norm hidden states ``[B, T, d]`` of ``idx``: the frozen bottom blocks run
+        without autograd, the others with optional activation checkpointing."""
         t = idx.size(1)
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -320,14 +331,7 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)
-        x = self.norm_f(x)
-        head = self.lm_head
-        if targets is not None and not return_logits and head.bias is None:
-            loss, unweighted = linear_cross_entropy(x, head.weight, targets, loss_weights)
-            return unweighted, loss
-        logits = head(x).float()
-        loss = None if targets is None else lm_loss(logits, targets, loss_weights)
-        return logits, loss
+        return self.norm_f(x)
 
     def forward_with_cache(self, idx: Tensor, kv_cache: KVCache, start_pos: int) -> Tensor:
         """Incremental forward: ``idx`` ``[B, T]`` holds the tokens at positions
@@ -341,6 +345,21 @@ class Transformer(nn.Module):
             # otherwise recompile per layer index and decode length; decoding runs eager.
             x = block.forward(x, cos, sin, kv_cache, start_pos)
         return self.lm_head(self.norm_f(x)).float()
+
+
+class TrainingLoss(nn.Module):
+    """``model.loss`` as a module's ``forward``: what DDP (or ``torch.compile``) wraps in
+    training, so the wrapper's ``__call__`` reaches the chunked loss. It owns no parameters of its
+    own; ``model``'s are registered under ``model.``."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, idx: Tensor, targets: Tensor, loss_weights: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self.model.loss(idx, targets, loss_weights)
 
 
 # ---------------------------------------------------------------------- config-level helpers

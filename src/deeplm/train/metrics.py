@@ -120,3 +120,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+class NullMetrics:
+    """The metrics sink of a process that writes no files (ranks other than 0)."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
