@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 -m deeplm.train.distributed_main RUN_DIR PHASE_IDX [--config F]
 
 Every rank trains phase ``PHASE_IDX`` of the run in ``RUN_DIR`` with
-:class:`~deeplm.train.distributed.DistributedPhaseTrainer`. The config is ``--config`` (the
+:func:`~deeplm.train.distributed.distributed_trainer`. The config is ``--config`` (the
 launching activity writes the effective one there) or the run's ``config.json``; ``PHASE_IDX``
 may be ``next``: the first phase without a final checkpoint.
 
@@ -38,8 +38,8 @@ from deeplm.train import checkpoint as ckpt
 from deeplm.train.distributed import (
     RESULT_FILE,
     STOP_FILE,
-    DistributedPhaseTrainer,
     dist_dir,
+    distributed_trainer,
     emit,
     init_distributed,
     install_sigterm_stop,
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 "event", {"type": kind, "msg": msg, "data": data}
             ),
         )
-        trainer = DistributedPhaseTrainer(
+        trainer = distributed_trainer(
             cfg, idx, run_dir, tok, train_shard, val_shard, init_from=init_from, hooks=hooks
         )
         try:

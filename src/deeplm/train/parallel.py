@@ -55,8 +55,8 @@ class Parallel:
     def before_resume(self, phase_dir: Path) -> None:
         """Before looking for the checkpoint to resume from."""
 
-    def prepare(self, model: nn.Module) -> None:
-        """After the weights are loaded, before the optimizer is built."""
+    def prepare(self, model: nn.Module, device: torch.device) -> None:
+        """After the weights are loaded onto ``device``, before the optimizer is built."""
 
     @contextmanager
     def micro_batch(self, model: nn.Module, last: bool) -> Iterator[LossFn]:

@@ -462,7 +462,7 @@ class PhaseTrainer:
         self.model = self._load_model(existing)
         self.model.to(self.device)
         self.model.train()
-        self.parallel.prepare(self.model)
+        self.parallel.prepare(self.model, self.device)
         # The optimizer always sees every trainable parameter (freezing only drops gradients),
         # so its state lines up with a checkpoint whatever was frozen when it was written.
         self.optimizer = build_optimizer(self.model, self.phase, self.device)
