@@ -38,9 +38,6 @@ import time
 from pathlib import Path
 
 import torch
-
-from deeplm.config import OPTIMIZERS, load_config
-from deeplm.model import Transformer, count_parameters, describe, flops_per_token
 from deeplm.train.device import (
     autocast_context,
     peak_flops,
@@ -49,6 +46,9 @@ from deeplm.train.device import (
     select_device,
     synchronize,
 )
+
+from deeplm.config import OPTIMIZERS, load_config
+from deeplm.model import Transformer, count_parameters, describe, flops_per_token
 from deeplm.train.optim import build_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -17,10 +17,10 @@ from deeplm.config import config_from_dict
 from deeplm.data.offline import iter_offline
 from deeplm.data.shards import Shard, tokenize_to_shard
 from deeplm.data.sources import SourceError
-from deeplm.model import describe, generate
+from deeplm.model import build_model, describe, generate
+from deeplm.run import checkpoint as ckpt
 from deeplm.tokenizer import train_tokenizer
-from deeplm.train import checkpoint as ckpt
-from deeplm.train.trainer import PhaseTrainer, TrainHooks, build_model
+from deeplm.train.trainer import PhaseTrainer, TrainHooks
 
 SMOKE_CONFIG = {
     "name": "smoke",

@@ -2,12 +2,14 @@
 
 Public API::
 
+    build_model(run_cfg, seed)            a fresh, seeded model for a run's config
     Transformer(cfg)                      model; forward(idx, targets=None, loss_weights=None)
     describe(cfg) / count_parameters(cfg) exact parameter count (meta-device build)
     flops_per_token(cfg, seq_len)         6*N + 12*L*d*T training FLOPs per token
     generate(model, idx, max_new_tokens, ...) / stream_generate(...)
 """
 
+from deeplm.model.build import build_model
 from deeplm.model.generate import generate, sample_next, stream_generate
 from deeplm.model.rope import RotaryEmbedding, apply_rotary, rotate_half
 from deeplm.model.transformer import (
@@ -27,6 +29,7 @@ __all__ = [
     "RotaryEmbedding",
     "Transformer",
     "apply_rotary",
+    "build_model",
     "count_parameters",
     "describe",
     "flops_per_token",

@@ -109,14 +109,3 @@ class MetricsLogger:
         self._csv_fh.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out

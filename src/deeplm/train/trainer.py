@@ -33,16 +33,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from deeplm.config import PhaseConfig, RunConfig
+from deeplm.config import RunConfig
 from deeplm.data.loader import PackedBatches
 from deeplm.data.shards import Shard
-from deeplm.eval.perplexity import evaluate_loss, perplexity
-from deeplm.eval.samples import sample_texts
-from deeplm.model import Transformer, flops_per_token
-from deeplm.model.lora import apply_lora, merge_lora
-from deeplm.tokenizer import Tokenizer
-from deeplm.train import checkpoint as ckpt
-from deeplm.train.device import (
+from deeplm.device import (
     autocast_context,
     autocast_dtype,
     compile_supported,
@@ -52,6 +46,13 @@ from deeplm.train.device import (
     set_threads,
     synchronize,
 )
+from deeplm.eval.perplexity import evaluate_loss, perplexity
+from deeplm.eval.samples import sample_texts
+from deeplm.model import build_model, flops_per_token
+from deeplm.model.lora import apply_lora, merge_lora
+from deeplm.run import checkpoint as ckpt
+from deeplm.run.layout import RunLayout
+from deeplm.tokenizer import Tokenizer
 from deeplm.train.metrics import MetricsLogger
 from deeplm.train.optim import build_optimizer, set_lr
 from deeplm.train.schedule import lr_at
@@ -131,17 +132,6 @@ class PhaseOutcome:
     rollbacks: int = 0
 
 
-def phase_dir(run_dir: Path, phase_idx: int, phase: PhaseConfig) -> Path:
-    return run_dir / "checkpoints" / f"{phase_idx + 1}-{phase.name}"
-
-
-def build_model(cfg: RunConfig, seed: int) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(cfg.model)
-    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    return model
-
-
 def _rng_state(device: torch.device) -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -187,7 +177,7 @@ class PhaseTrainer:
         self.val_shard = val_shard
         self.init_from = init_from
         self.hooks = hooks or TrainHooks()
-        self.dir = phase_dir(run_dir, phase_idx, self.phase)
+        self.dir = RunLayout(run_dir).phase_checkpoints(phase_idx, self.phase.name)
         # divergence-handling state (kept across rollbacks, saved in checkpoints)
         self.lr_scale = 1.0
         self.warmup_scale = 1.0
@@ -321,7 +311,7 @@ class PhaseTrainer:
         self.metrics.log({"step": step, **richness})
         text = "\n\n".join(f"**{s['prompt']}**{s['completion']}" for s in samples)
         self.metrics.log_text("samples", text, step)
-        with (self.run_dir / "metrics" / f"{phase.name}.samples.jsonl").open("a") as fh:
+        with RunLayout(self.run_dir).samples(phase.name).open("a") as fh:
             for s in samples:
                 fh.write(json.dumps({"step": step, **s}) + "\n")
         return samples
@@ -468,9 +458,9 @@ class PhaseTrainer:
     def _make_metrics(self, resume_step: int) -> MetricsLogger:
         """The phase's metrics sink (a distributed trainer gives ranks other than 0 a null one)."""
         return MetricsLogger(
-            self.run_dir / "metrics",
+            RunLayout(self.run_dir).metrics_dir,
             self.phase.name,
-            self.run_dir / "tensorboard",
+            RunLayout(self.run_dir).tensorboard_dir,
             resume_step=resume_step,
         )
 
