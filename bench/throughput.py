@@ -38,6 +38,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from deeplm.config import OPTIMIZERS, load_config
+from deeplm.model import Transformer, count_parameters, describe, flops_per_token
 from deeplm.train.device import (
     autocast_context,
     peak_flops,
@@ -46,9 +49,6 @@ from deeplm.train.device import (
     select_device,
     synchronize,
 )
-
-from deeplm.config import OPTIMIZERS, load_config
-from deeplm.model import Transformer, count_parameters, describe, flops_per_token
 from deeplm.train.optim import build_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
