@@ -16,11 +16,12 @@ from deeplm.config import SourceConfig, config_from_dict
 from deeplm.data.instructions import format_pair, iter_instructions
 from deeplm.data.kinds import excluded_kind, text_kinds
 from deeplm.data.sources import SourceStats
+from deeplm.model import build_model
 from deeplm.model.lora import apply_lora, has_lora, merge_lora
-from deeplm.train import checkpoint as ckpt
-from deeplm.train.trainer import PhaseTrainer, TrainHooks, TrainingDiverged, build_model
+from deeplm.pipeline.stages import source_documents
+from deeplm.run import checkpoint as ckpt
+from deeplm.train.trainer import PhaseTrainer, TrainHooks, TrainingDiverged
 from deeplm.train.weighting import token_weights
-from deeplm.workflows.activities import source_documents
 from tests.helpers import micro_config
 
 

@@ -855,8 +855,9 @@ def config_to_json(cfg: RunConfig) -> str:
     return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
 
 
-def config_from_json(text: str) -> RunConfig:
-    return config_from_dict(json.loads(text), "config.json")
+def config_from_json(text: str, origin_file: str = "") -> RunConfig:
+    """A config from its JSON form; ``origin_file`` names it in errors."""
+    return config_from_dict(json.loads(text), origin_file)
 
 
 # --------------------------------------------------------------------------- comparing configs

@@ -9,7 +9,7 @@ from torch import nn
 
 from deeplm.data.loader import eval_batches
 from deeplm.data.shards import Shard
-from deeplm.train.device import autocast_context
+from deeplm.device import autocast_context
 
 
 @torch.no_grad()

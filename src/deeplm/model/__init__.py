@@ -2,6 +2,7 @@
 
 Public API::
 
+    build_model(run_cfg, seed)            a fresh, seeded model for a run's config
     Transformer(cfg)                      model; forward(idx, targets=None, loss_weights=None)
                                           -> (logits, loss); loss(idx, targets, loss_weights=None)
                                           -> (loss, unweighted), chunked head, no logits
@@ -11,6 +12,7 @@ Public API::
     generate(model, idx, max_new_tokens, ...) / stream_generate(...)
 """
 
+from deeplm.model.build import build_model
 from deeplm.model.generate import generate, sample_next, stream_generate
 from deeplm.model.rope import RotaryEmbedding, apply_rotary, rotate_half
 from deeplm.model.transformer import (
@@ -32,6 +34,7 @@ __all__ = [
     "TrainingLoss",
     "Transformer",
     "apply_rotary",
+    "build_model",
     "count_parameters",
     "describe",
     "flops_per_token",

@@ -2,7 +2,7 @@
 (every ``save_every`` steps; a kept one before each freeze; the final one), what a checkpoint's
 metadata says, and retention (``keep_last`` periodic checkpoints; kept and final ones stay).
 
-The file format is :mod:`deeplm.train.checkpoint`'s; what goes into the trainer state is the
+The file format is :mod:`deeplm.run.checkpoint`'s; what goes into the trainer state is the
 trainer's (model, optimizer, loader, RNG and its components' state)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 from torch import nn
 
 from deeplm.config import PhaseConfig, RunConfig
+from deeplm.run import checkpoint as ckpt
 from deeplm.tokenizer import Tokenizer
-from deeplm.train import checkpoint as ckpt
 
 
 class Checkpointer:

@@ -67,13 +67,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from deeplm.atomic import atomic_write_text
 from deeplm.config import PhaseConfig, RunConfig, TrainConfig, config_to_json
 from deeplm.data.shards import Shard
+from deeplm.device import select_device
 from deeplm.model import TrainingLoss, Transformer
+from deeplm.run import checkpoint as ckpt
+from deeplm.run.layout import RunLayout
 from deeplm.tokenizer import Tokenizer
-from deeplm.train import checkpoint as ckpt
-from deeplm.train.device import select_device
 from deeplm.train.hooks import TrainHooks
 from deeplm.train.parallel import LossFn, Parallel
-from deeplm.train.trainer import PhaseOutcome, PhaseTrainer, phase_dir
+from deeplm.train.trainer import PhaseOutcome, PhaseTrainer
 
 # Lines the rank-0 worker prints for the launching process (progress, events): prefix + JSON.
 EVENT_PREFIX = "@@deeplm-dist "
@@ -127,7 +128,7 @@ def init_distributed(device_pref: str = "auto") -> tuple[DistEnv, torch.device]:
     """Join the process group torchrun describes; return this rank's place and device.
 
     CUDA (``auto`` or ``cuda`` with GPUs present): ``nccl`` and ``cuda:LOCAL_RANK``. Otherwise
-    ``gloo`` on the device :func:`~deeplm.train.device.select_device` picks (CPU in practice).
+    ``gloo`` on the device :func:`~deeplm.device.select_device` picks (CPU in practice).
     Idempotent: an already initialised group is reused.
     """
     env = env_from_environ()
@@ -259,7 +260,7 @@ def torchrun_command(
 
 def dist_dir(run_dir: Path, phase_idx: int, phase: PhaseConfig) -> Path:
     """Small files between the launcher and the ranks (stop request, result) for one phase."""
-    return run_dir / "dist" / f"{phase_idx + 1}-{phase.name}"
+    return RunLayout(run_dir).dist_dir(phase_idx, phase.name)
 
 
 def emit(kind: str, payload: dict[str, Any]) -> None:
@@ -565,7 +566,7 @@ def launch_phase(
     folder.mkdir(parents=True, exist_ok=True)
     for name in (STOP_FILE, RESULT_FILE):
         (folder / name).unlink(missing_ok=True)
-    cfg_path = folder / "config.json"
+    cfg_path = RunLayout(run_dir).dist_config(phase_idx, phase.name)
     atomic_write_text(cfg_path, config_to_json(cfg))
     cmd = torchrun_command(cfg.train, [str(run_dir), str(phase_idx), "--config", str(cfg_path)])
     hooks.log(f"[{phase.name}] launching {world_size_of(cfg.train)} processes: {shlex.join(cmd)}")
@@ -636,7 +637,7 @@ def launch_phase(
         # finished its work: a rank that died later (while leaving the process group) lost
         # nothing. Accept the outcome when its checkpoint is complete on disk.
         named = outcome.final_checkpoint or outcome.last_checkpoint
-        latest = ckpt.latest_checkpoint(phase_dir(run_dir, phase_idx, phase))
+        latest = ckpt.latest_checkpoint(RunLayout(run_dir).phase_checkpoints(phase_idx, phase.name))
         if named is None or latest is None or latest.path.resolve() != Path(named).resolve():
             raise DistributedRunError(
                 f"[{phase.name}] torchrun exited with status {rc} and the checkpoint the phase "

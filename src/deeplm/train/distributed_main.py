@@ -33,8 +33,9 @@ from pathlib import Path
 from deeplm.atomic import atomic_write_json
 from deeplm.config import RunConfig, config_from_json, config_to_json, load_config
 from deeplm.data.shards import Shard
+from deeplm.run import checkpoint as ckpt
+from deeplm.run.layout import RunLayout
 from deeplm.tokenizer import Tokenizer
-from deeplm.train import checkpoint as ckpt
 from deeplm.train.distributed import (
     RESULT_FILE,
     STOP_FILE,
@@ -47,13 +48,15 @@ from deeplm.train.distributed import (
     teardown,
     torchrun_command,
 )
-from deeplm.train.trainer import TrainHooks, phase_dir
+from deeplm.train.trainer import TrainHooks
 
 
 def next_phase(run_dir: Path, cfg: RunConfig) -> int | None:
     """The first phase without a final checkpoint (None when all are done)."""
     for i, phase in enumerate(cfg.phases):
-        latest = ckpt.latest_checkpoint(phase_dir(run_dir, i, phase), verify_files=False)
+        latest = ckpt.latest_checkpoint(
+            RunLayout(run_dir).phase_checkpoints(i, phase.name), verify_files=False
+        )
         if latest is None or not latest.meta.get("final"):
             return i
     return None
@@ -67,16 +70,15 @@ def _load(path: Path) -> RunConfig:
 
 def follow(run_dir: Path, cfg: RunConfig, cfg_path: Path, poll_s: float = 10.0) -> int:
     """A non-zero node of a multi-node job: run this node's torchrun for each phase in turn."""
-    from deeplm.workflows.activities import shard_prefix, tokenizer_path
-
+    layout = RunLayout(run_dir)
     while True:
         idx = next_phase(run_dir, cfg)
         if idx is None:
             print("[follow] every phase has its final checkpoint", flush=True)
             return 0
         phase = cfg.phases[idx]
-        ready = tokenizer_path(run_dir).is_file() and all(
-            Path(f"{shard_prefix(run_dir, phase.name, s)}.bin").is_file() for s in ("train", "val")
+        ready = layout.tokenizer.is_file() and all(
+            Path(f"{layout.shard(phase.name, s)}.bin").is_file() for s in ("train", "val")
         )
         if ready:
             cmd = torchrun_command(cfg.train, [str(run_dir), str(idx), "--config", str(cfg_path)])
@@ -97,17 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--node-rank", type=int, help="follow: this node's rank (overrides config)")
     args = ap.parse_args(argv)
-    # imported here: activities imports the trainer, not the other way round
-    from deeplm.workflows.activities import shard_prefix, tokenizer_path
-
     run_dir: Path = args.run_dir
-    cfg_path: Path = args.config or run_dir / "config.json"
+    layout = RunLayout(run_dir)
+    cfg_path: Path = args.config or layout.config
     cfg = _load(cfg_path)
     if args.phase == "follow":
         if args.node_rank is not None:
             cfg.train.node_rank = args.node_rank
         cfg.validate()
-        resolved = run_dir / "dist" / f"follow-node{cfg.train.node_rank}.json"
+        resolved = layout.follow_config(cfg.train.node_rank)
         resolved.parent.mkdir(parents=True, exist_ok=True)
         resolved.write_text(config_to_json(cfg), encoding="utf-8")
         return follow(run_dir, cfg, resolved)
@@ -125,13 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         folder = dist_dir(run_dir, idx, phase)
         if env.is_main:
             folder.mkdir(parents=True, exist_ok=True)
-        tok = Tokenizer.load(tokenizer_path(run_dir))
-        train_shard = Shard.open(shard_prefix(run_dir, phase.name, "train"), tok.hash)
-        val_shard = Shard.open(shard_prefix(run_dir, phase.name, "val"), tok.hash)
+        tok = Tokenizer.load(layout.tokenizer)
+        train_shard = Shard.open(layout.shard(phase.name, "train"), tok.hash)
+        val_shard = Shard.open(layout.shard(phase.name, "val"), tok.hash)
         init_from = None
         if idx > 0:
             prev = cfg.phases[idx - 1]
-            latest = ckpt.latest_checkpoint(phase_dir(run_dir, idx - 1, prev), verify_files=False)
+            folder = RunLayout(run_dir).phase_checkpoints(idx - 1, prev.name)
+            latest = ckpt.latest_checkpoint(folder, verify_files=False)
             if latest is None or not latest.meta.get("final"):
                 raise RuntimeError(
                     f"phase {phase.name!r} needs the final checkpoint of {prev.name!r}"

@@ -15,8 +15,8 @@ import torch
 from tqdm import tqdm
 
 from deeplm.config import PhaseConfig, RunConfig
+from deeplm.device import peak_flops, peak_memory_bytes, synchronize
 from deeplm.model import flops_per_token
-from deeplm.train.device import peak_flops, peak_memory_bytes, synchronize
 from deeplm.train.metrics import MetricsLogger
 
 

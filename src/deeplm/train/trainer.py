@@ -38,23 +38,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from deeplm.config import PhaseConfig, RunConfig
+from deeplm.config import RunConfig
 from deeplm.data.loader import PackedBatches
 from deeplm.data.shards import Shard
-from deeplm.eval.perplexity import perplexity
-from deeplm.model import Transformer
-from deeplm.tokenizer import Tokenizer
-from deeplm.train import checkpoint as ckpt
-from deeplm.train.adapters import attach_adapters, merge_adapters
-from deeplm.train.checkpointer import Checkpointer
-from deeplm.train.curriculum import CurriculumPlan
-from deeplm.train.device import (
+from deeplm.device import (
     autocast_context,
     autocast_dtype,
     compile_supported,
     select_device,
     set_threads,
 )
+from deeplm.eval.perplexity import perplexity
+from deeplm.model import Transformer, build_model
+from deeplm.run import checkpoint as ckpt
+from deeplm.run.layout import RunLayout
+from deeplm.tokenizer import Tokenizer
+from deeplm.train.adapters import attach_adapters, merge_adapters
+from deeplm.train.checkpointer import Checkpointer
+from deeplm.train.curriculum import CurriculumPlan
 from deeplm.train.evaluator import Evaluator
 from deeplm.train.guard import DivergenceGuard, TrainingDiverged
 from deeplm.train.hooks import TrainHooks
@@ -73,8 +74,6 @@ __all__ = [
     "PhaseTrainer",
     "TrainHooks",
     "TrainingDiverged",
-    "build_model",
-    "phase_dir",
 ]
 
 
@@ -103,18 +102,6 @@ class PhaseOutcome:
     skipped: bool = False
     stop_reason: str = "budget"
     rollbacks: int = 0
-
-
-def phase_dir(run_dir: Path, phase_idx: int, phase: PhaseConfig) -> Path:
-    """The checkpoint folder of phase ``phase_idx`` (``checkpoints/<n>-<name>``)."""
-    return run_dir / "checkpoints" / f"{phase_idx + 1}-{phase.name}"
-
-
-def build_model(cfg: RunConfig, seed: int) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(cfg.model)
-    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    return model
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -152,12 +139,13 @@ class PhaseTrainer:
         self.phase = self.parallel.rank_phase(cfg.phases[phase_idx])
         self.phase_idx = phase_idx
         self.run_dir = run_dir
+        self.layout = RunLayout(run_dir)
         self.tokenizer = tokenizer
         self.train_shard = train_shard
         self.val_shard = val_shard
         self.init_from = init_from
         self.hooks = self.parallel.hooks(hooks or TrainHooks())
-        self.dir = phase_dir(run_dir, phase_idx, self.phase)
+        self.dir = self.layout.phase_checkpoints(phase_idx, self.phase.name)
         self.guard = DivergenceGuard(self.phase, phase_idx)
         self.plateau = PlateauStop(self.phase)
         self.plan = CurriculumPlan(self.phase)
@@ -419,7 +407,7 @@ class PhaseTrainer:
             self.tokenizer,
             self.device,
             self.metrics,
-            self.run_dir / "metrics" / f"{phase.name}.samples.jsonl",
+            self.layout.samples(phase.name),
             self.rare_token_ids if weighted else None,
         )
         step, tokens = self._setup(existing)
@@ -498,9 +486,9 @@ class PhaseTrainer:
         if not self.parallel.is_main:
             return NullMetrics()
         return MetricsLogger(
-            self.run_dir / "metrics",
+            self.layout.metrics_dir,
             self.phase.name,
-            self.run_dir / "tensorboard",
+            self.layout.tensorboard_dir,
             resume_step=resume_step,
         )
 

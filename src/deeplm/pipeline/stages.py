@@ -1,12 +1,13 @@
-"""The pipeline's stages as idempotent activities.
+"""The pipeline's stages: the functions both orchestrators call (the local driver,
+:mod:`deeplm.pipeline.local`, and the Temporal activities, :mod:`deeplm.pipeline.temporal`).
 
-Each activity is a plain function ``activity(ctx, ...) -> dict`` that
+Each stage is a plain idempotent function ``stage(ctx, ...) -> dict`` that
 1. checks the StateDB and the files on disk and returns at once when its work is done and intact,
 2. otherwise resumes from the cursor the StateDB holds for it,
 3. writes its outputs atomically and records them (path, bytes, sha256, producer).
 
-The local orchestrator (``workflows/local.py``) and the Temporal workflow call these same
-functions; neither holds any stage logic of its own.
+Neither orchestrator holds any stage logic of its own; the order of the stages is
+:mod:`deeplm.pipeline.plan`'s.
 """
 
 from __future__ import annotations
@@ -38,13 +39,19 @@ from deeplm.data.shards import (
     tokenize_to_shard,
 )
 from deeplm.data.sources import Document, SourceError, SourceStats, iter_source
+from deeplm.device import select_device
+from deeplm.eval.forgetting import warning_line
+from deeplm.eval.suite import SuiteOptions, summary
+from deeplm.eval.suite import evaluate as evaluate_model
+from deeplm.export.loading import LoadedModel, load_checkpoint
+from deeplm.pipeline.integrity import move_aside
+from deeplm.pipeline.plan import StageSpec
+from deeplm.run import checkpoint as ckpt
+from deeplm.run.layout import SPLITS, RunLayout
+from deeplm.run.state_db import StateDB
 from deeplm.tokenizer import Tokenizer, train_tokenizer
-from deeplm.train import checkpoint as ckpt
 from deeplm.train import distributed
-from deeplm.train.trainer import PhaseTrainer, TrainHooks, phase_dir
-from deeplm.workflows.state_db import StateDB
-
-SPLITS = ("train", "val")
+from deeplm.train.trainer import PhaseTrainer, TrainHooks
 
 
 class StageStopped(Exception):
@@ -63,42 +70,9 @@ class RunContext:
     log: Callable[[str], None] = print
     extra: dict[str, Any] = field(default_factory=dict)
 
-
-# ---------------------------------------------------------------------------- layout
-
-
-def docs_path(run_dir: Path, phase: str, split: str) -> Path:
-    return run_dir / "data" / phase / f"{split}.jsonl"
-
-
-def tokenizer_path(run_dir: Path) -> Path:
-    return run_dir / "tokenizer" / "tokenizer.json"
-
-
-def shard_prefix(run_dir: Path, phase: str, split: str) -> Path:
-    return run_dir / "shards" / phase / split
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """One step of the pipeline: its StateDB name, activity name and argument."""
-
-    name: str
-    activity: str
-    arg: int | None = None
-    queue: str = "cpu"
-
-
-def pipeline_stages(cfg: RunConfig) -> list[StageSpec]:
-    """The ordered stages of a run (shared by every orchestrator)."""
-    stages = [StageSpec("prepare", "prepare"), StageSpec("tokenizer", "train_tokenizer")]
-    stages += [StageSpec(f"tokenize:{p.name}", "tokenize", i) for i, p in enumerate(cfg.phases)]
-    stages += [
-        StageSpec(f"train:{p.name}", "train_phase", i, queue="gpu")
-        for i, p in enumerate(cfg.phases)
-    ]
-    stages.append(StageSpec("evaluate", "evaluate", queue="gpu"))
-    return stages
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_dir)
 
 
 def _done_and_intact(ctx: RunContext, stage: str, files: list[Path]) -> bool:
@@ -174,8 +148,8 @@ def prepare(ctx: RunContext) -> dict[str, Any]:
     the sources finished, so a killed run redoes at most the source it was reading.
     """
     stage = "prepare"
-    cfg, run_dir = ctx.cfg, ctx.run_dir
-    outputs_files = [docs_path(run_dir, p.name, s) for p in cfg.phases for s in SPLITS]
+    cfg, layout = ctx.cfg, ctx.layout
+    outputs_files = [layout.docs(p.name, s) for p in cfg.phases for s in SPLITS]
     if _done_and_intact(ctx, stage, outputs_files):
         return ctx.db.stage(stage).outputs | {"skipped": True}
     row = ctx.db.start_stage(stage)
@@ -185,7 +159,7 @@ def prepare(ctx: RunContext) -> dict[str, Any]:
     base_dir = Path(cfg.base_dir or ".")
     try:
         for phase in cfg.phases:
-            parts_dir = run_dir / "data" / phase.name / "parts"
+            parts_dir = layout.doc_parts(phase.name)
             dedup = Deduper()
             phase_report: dict[str, Any] = {"sources": []}
             for i, src in enumerate(phase.sources):
@@ -274,7 +248,7 @@ def prepare(ctx: RunContext) -> dict[str, Any]:
             # split ends with the replayed documents of earlier phases (``phase.replay``).
             for s in SPLITS:
                 parts = [parts_dir / f"{i}.{s}.jsonl" for i in range(len(phase.sources))]
-                out = docs_path(run_dir, phase.name, s)
+                out = layout.docs(phase.name, s)
                 replayed = [0]
                 n = _write_jsonl_atomic(
                     out, _phase_texts(ctx, cfg.phases.index(phase), parts, s, replayed)
@@ -300,7 +274,7 @@ def prepare(ctx: RunContext) -> dict[str, Any]:
         raise
     ctx.db.finish_stage(stage, {"phases": report})
     for phase in cfg.phases:  # per-source parts only serve a resume of this stage
-        shutil.rmtree(run_dir / "data" / phase.name / "parts", ignore_errors=True)
+        shutil.rmtree(layout.doc_parts(phase.name), ignore_errors=True)
     return {"phases": report}
 
 
@@ -338,7 +312,7 @@ def replay_texts(run_dir: Path, cfg: RunConfig, phase_idx: int, own_chars: int) 
         return
     target = own_chars * phase.replay / (1.0 - phase.replay) / phase_idx
     for earlier in cfg.phases[:phase_idx]:
-        path = docs_path(run_dir, earlier.name, "train")
+        path = RunLayout(run_dir).docs(earlier.name, "train")
         total = sum(len(t) for t in _iter_jsonl_texts(path))
         keep = min(1.0, target / max(1, total))
         for text in _iter_jsonl_texts(path):
@@ -378,7 +352,7 @@ def own_train_docs(ctx: RunContext, phase_name: str) -> int | None:
 def train_tokenizer_activity(ctx: RunContext) -> dict[str, Any]:
     """Train the BPE tokenizer on every phase's training documents."""
     stage = "tokenizer"
-    path = tokenizer_path(ctx.run_dir)
+    path = ctx.layout.tokenizer
     if _done_and_intact(ctx, stage, [path]):
         return ctx.db.stage(stage).outputs | {"skipped": True}
     ctx.db.start_stage(stage)
@@ -387,7 +361,7 @@ def train_tokenizer_activity(ctx: RunContext) -> dict[str, Any]:
         def texts() -> Iterator[str]:
             for phase in ctx.cfg.phases:
                 if phase.kind == "pretrain":  # the user's fine-tuning data never shapes the ids
-                    docs = _iter_jsonl_texts(docs_path(ctx.run_dir, phase.name, "train"))
+                    docs = _iter_jsonl_texts(ctx.layout.docs(phase.name, "train"))
                     yield from itertools.islice(docs, own_train_docs(ctx, phase.name))
 
         t0 = time.perf_counter()
@@ -408,7 +382,7 @@ def train_tokenizer_activity(ctx: RunContext) -> dict[str, Any]:
 
 
 def load_run_tokenizer(ctx: RunContext) -> Tokenizer:
-    path = tokenizer_path(ctx.run_dir)
+    path = ctx.layout.tokenizer
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the run has no tokenizer yet (run the pipeline first)")
     return Tokenizer.load(path)
@@ -423,9 +397,10 @@ def tokenize(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
     phase = ctx.cfg.phases[phase_idx]
     stage = f"tokenize:{phase.name}"
     tok = load_run_tokenizer(ctx)
-    bins = [Path(f"{shard_prefix(ctx.run_dir, phase.name, s)}.bin") for s in SPLITS]
+    layout = ctx.layout
+    bins = [Path(f"{layout.shard(phase.name, s)}.bin") for s in SPLITS]
     if _done_and_intact(ctx, stage, bins) and all(
-        is_shard_complete(shard_prefix(ctx.run_dir, phase.name, s), tok.hash) for s in SPLITS
+        is_shard_complete(layout.shard(phase.name, s), tok.hash) for s in SPLITS
     ):
         return ctx.db.stage(stage).outputs | {"skipped": True}
     row = ctx.db.start_stage(stage)
@@ -433,7 +408,7 @@ def tokenize(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
     outputs: dict[str, Any] = {}
     try:
         for split in SPLITS:
-            prefix = shard_prefix(ctx.run_dir, phase.name, split)
+            prefix = layout.shard(phase.name, split)
             if is_shard_complete(prefix, tok.hash):
                 meta = Shard.open(prefix, tok.hash).meta
             else:
@@ -450,7 +425,7 @@ def tokenize(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
                     ctx.db.set_cursor(stage, cursors)
                     ctx.progress({"stage": stage, "split": split, **cursors[split]})
 
-                docs = docs_path(ctx.run_dir, phase.name, split)
+                docs = layout.docs(phase.name, split)
                 try:
                     meta = tokenize_to_shard(
                         docs,
@@ -504,21 +479,13 @@ def tokenize(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- train
 
 
-def final_checkpoint_of(ctx: RunContext, phase_idx: int) -> Path | None:
-    phase = ctx.cfg.phases[phase_idx]
-    latest = ckpt.latest_checkpoint(phase_dir(ctx.run_dir, phase_idx, phase))
-    if latest is not None and latest.meta.get("final"):
-        return latest.path
-    return None
-
-
 def open_verified_shard(ctx: RunContext, phase_idx: int, split: str, tok: Tokenizer) -> Shard:
     """Open a phase's shard for training after a full check: sizes, tokenizer, the sha256 of its
     data against its metadata and of its ``.bin`` against the StateDB record. A shard that fails
     is moved aside (``.corrupt``), the tokenize stage is reset and the shard rebuilt in place
     (tokenization is deterministic, so the rebuilt shard is byte-identical to the original)."""
     phase = ctx.cfg.phases[phase_idx]
-    prefix = shard_prefix(ctx.run_dir, phase.name, split)
+    prefix = ctx.layout.shard(phase.name, split)
     bin_path = Path(f"{prefix}.bin")
     try:
         shard = Shard.open(prefix, tok.hash)
@@ -530,8 +497,6 @@ def open_verified_shard(ctx: RunContext, phase_idx: int, split: str, tok: Tokeni
         return shard
     except ShardError as exc:
         problem = str(exc)
-    from deeplm.workflows.integrity import move_aside
-
     for path in (bin_path, Path(f"{prefix}.idx.npy"), Path(f"{prefix}.json")):
         if path.exists():
             move_aside(path)
@@ -556,7 +521,7 @@ def check_shard_windows(ctx: RunContext, tok: Tokenizer) -> None:
         if ctx.db.stage(f"train:{phase.name}").status == "done":
             continue
         for split in SPLITS:
-            prefix = shard_prefix(ctx.run_dir, phase.name, split)
+            prefix = ctx.layout.shard(phase.name, split)
             if not is_shard_complete(prefix, tok.hash):
                 continue
             n_tokens = Shard.open(prefix, tok.hash).meta.n_tokens
@@ -581,12 +546,12 @@ def train_phase(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
     phase = cfg.phases[phase_idx]
     stage = f"train:{phase.name}"
     tok = load_run_tokenizer(ctx)
-    final = final_checkpoint_of(ctx, phase_idx)
+    final = ctx.layout.final_checkpoint(cfg, phase_idx)
     if ctx.db.stage(stage).status == "done" and final is not None:
         return ctx.db.stage(stage).outputs | {"skipped": True}
     init_from = None
     if phase_idx > 0:
-        init_from = final_checkpoint_of(ctx, phase_idx - 1)
+        init_from = ctx.layout.final_checkpoint(cfg, phase_idx - 1)
         if init_from is None:
             raise RuntimeError(
                 f"phase {phase.name!r} needs the final checkpoint of phase "
@@ -691,21 +656,51 @@ def train_phase(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
 
 def evaluate(ctx: RunContext) -> dict[str, Any]:
     """Evaluate the run's final model on every phase's validation shard; write the report."""
-    from deeplm.eval.report import evaluate_run
-
     stage = "evaluate"
-    report = ctx.run_dir / "report.md"
-    if _done_and_intact(ctx, stage, [report]):
+    if _done_and_intact(ctx, stage, [ctx.layout.report]):
         return ctx.db.stage(stage).outputs | {"skipped": True}
     ctx.db.start_stage(stage)
     try:
-        outputs = evaluate_run(ctx)
-        _record(ctx, report, "report", stage)
+        outputs = evaluate_final_model(ctx)
     except Exception as exc:
         ctx.db.fail_stage(stage, f"{type(exc).__name__}: {exc}")
         raise
     ctx.db.finish_stage(stage, outputs)
     return outputs
+
+
+def evaluate_final_model(ctx: RunContext) -> dict[str, Any]:
+    """The suite (:meth:`SuiteOptions.quick` caps unless ``ctx.extra["eval_options"]``) on the
+    last phase's final checkpoint, written to ``report.md`` + ``report/eval.json`` (recorded as
+    artifacts of ``evaluate``, with an ``eval`` event). Returns the headline numbers."""
+    cfg, layout = ctx.cfg, ctx.layout
+    tok = load_run_tokenizer(ctx)
+    final = layout.final_checkpoint(cfg, len(cfg.phases) - 1)
+    if final is None:
+        raise RuntimeError("evaluate needs the last phase's final checkpoint; train first")
+    device = select_device(cfg.train.device)
+    model = load_checkpoint(cfg, final, device)
+    loaded = LoadedModel(model, tok, cfg.model, cfg.name, final, device, cfg, ctx.run_dir)
+    options = ctx.extra.get("eval_options") or SuiteOptions.quick()
+    t0 = time.perf_counter()
+
+    def on_part(part: str, done: int, total: int) -> None:
+        cursor = {"part": part, "parts_done": done, "parts_total": total}
+        ctx.db.set_cursor("evaluate", cursor)
+        ctx.progress({"stage": "evaluate", **cursor})
+
+    eval_json = layout.report_dir / "eval.json"
+    results = evaluate_model(
+        loaded, options, eval_json, layout.report, ctx.db, "evaluate", on_part=on_part
+    )
+    for w in results.get("forgetting", {}).get("warnings", []):
+        ctx.log(f"[evaluate] {warning_line(w)}")
+    return summary(results) | {
+        "samples": results["samples"],
+        "report": str(layout.report),
+        "eval_json": str(eval_json),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 ACTIVITIES: dict[str, Callable[..., dict[str, Any]]] = {
@@ -719,15 +714,16 @@ ACTIVITIES: dict[str, Callable[..., dict[str, Any]]] = {
 
 def stage_folders(run_dir: Path, cfg: RunConfig, spec: StageSpec) -> list[tuple[Path, bool]]:
     """The folders a stage alone writes into, as ``(folder, recursive)`` (checkpoint folders
-    clean up after themselves in :mod:`deeplm.train.checkpoint`)."""
+    clean up after themselves in :mod:`deeplm.run.checkpoint`)."""
+    layout = RunLayout(run_dir)
     if spec.activity == "prepare":
-        return [(run_dir / "data", True)]
+        return [(layout.data_dir, True)]
     if spec.activity == "train_tokenizer":
-        return [(tokenizer_path(run_dir).parent, False)]
+        return [(layout.tokenizer_dir, False)]
     if spec.activity == "tokenize" and spec.arg is not None:
-        return [(shard_prefix(run_dir, cfg.phases[spec.arg].name, "train").parent, False)]
+        return [(layout.shards_dir(cfg.phases[spec.arg].name), False)]
     if spec.activity == "evaluate":
-        return [(run_dir, False), (run_dir / "report", False)]
+        return [(layout.root, False), (layout.report_dir, False)]
     return []
 
 
@@ -739,32 +735,3 @@ def run_stage(ctx: RunContext, spec: StageSpec) -> dict[str, Any]:
             ctx.log(f"[{spec.name}] removed an unfinished file of an earlier attempt: {path}")
     fn = ACTIVITIES[spec.activity]
     return fn(ctx) if spec.arg is None else fn(ctx, spec.arg)
-
-
-def corrupt_checkpoint_warnings(run_dir: Path, cfg: RunConfig) -> list[str]:
-    """One line per checkpoint moved aside as corrupted that is newer than every intact one,
-    i.e. the model in use is older than the run got (one trained again since is no news)."""
-    newest = (-1, -1)
-    corrupt = []
-    for i, phase in enumerate(cfg.phases):
-        folder = phase_dir(run_dir, i, phase)
-        for c in ckpt.list_checkpoints(folder):
-            newest = max(newest, (i, c.step))
-        for path, reason in ckpt.corrupt_checkpoints(folder):
-            digits = path.name.removeprefix("step-").removesuffix(".corrupt")
-            step = int(digits) if digits.isdigit() else 1 << 62
-            corrupt.append(((i, step), path, reason))
-    return [
-        f"checkpoint {path} is corrupt and not used ({reason})"
-        for key, path, reason in corrupt
-        if key > newest
-    ]
-
-
-def latest_model_checkpoint(run_dir: Path, cfg: RunConfig) -> Path | None:
-    """The newest complete checkpoint of the latest phase that has one."""
-    for i in reversed(range(len(cfg.phases))):
-        latest = ckpt.latest_checkpoint(phase_dir(run_dir, i, cfg.phases[i]))
-        if latest is not None:
-            return latest.path
-    return None
