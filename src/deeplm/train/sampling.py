@@ -15,20 +15,10 @@ import torch
 from torch import nn
 
 from deeplm.config import PhaseConfig, RunConfig
+from deeplm.eval.richness import distinct_n
 from deeplm.eval.samples import sample_texts
 from deeplm.tokenizer import Tokenizer
 from deeplm.train.metrics import MetricsLogger
-
-
-def distinct_n(texts: list[str], n: int) -> float:
-    """Share of distinct whitespace-separated n-grams among all of ``texts`` (0 when none).
-    (:func:`deeplm.eval.richness.distinct_n` counts lower-cased words instead; the training
-    metrics keep this definition so that their history stays comparable.)"""
-    grams = []
-    for t in texts:
-        words = t.split()
-        grams += [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 class Sampler:
@@ -94,7 +84,11 @@ class Sampler:
 
     def _log(self, samples: list[dict[str, str]], step: int) -> None:
         texts = [s["completion"] for s in samples]
-        richness = {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2)}
+        # whitespace words, as the logged distinct_1/distinct_2 always were
+        richness = {
+            "distinct_1": distinct_n(texts, 1, str.split),
+            "distinct_2": distinct_n(texts, 2, str.split),
+        }
         if self.rare_ids is not None:
             ids = [t for text in texts for t in self.tokenizer.encode(text)]
             rare = self.rare_ids
