@@ -579,6 +579,15 @@ def launch_phase(
         env=launch_env(),
         start_new_session=True,  # its own process group: a stop signal reaches every rank
     )
+    rc, tail = _follow_job(proc, hooks, folder, grace_s)
+    return _job_outcome(run_dir, phase_idx, phase.name, folder, rc, tail, hooks)
+
+
+def _follow_job(
+    proc: subprocess.Popen, hooks: TrainHooks, folder: Path, grace_s: float
+) -> tuple[int, list[str]]:
+    """Relay the job's output to ``hooks`` until it ends, forwarding stop requests; returns
+    (exit status, the last 200 plain lines). Any exception here stops the job first."""
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:
@@ -600,14 +609,7 @@ def launch_phase(
             if line is None:
                 break
             if line:
-                event = parse_event(line)
-                if event is None:
-                    hooks.log(line.rstrip("\n"))
-                    tail = (tail + [line.rstrip("\n")])[-200:]
-                elif event.pop("kind") == "progress":
-                    hooks.on_progress(event)
-                else:
-                    hooks.on_event(event["type"], event["msg"], event.get("data") or {})
+                tail = _relay(line, hooks, tail)
             if stop_sent_at is None and hooks.should_stop():
                 atomic_write_text(folder / STOP_FILE, "stop requested\n")
                 stop_sent_at = time.monotonic()
@@ -623,12 +625,39 @@ def launch_phase(
             _signal_group(proc, signal.SIGKILL)
         raise
     reader.join(timeout=5)
+    return rc, tail
+
+
+def _relay(line: str, hooks: TrainHooks, tail: list[str]) -> list[str]:
+    """One line of the job's output: an event for ``hooks``, or a plain line logged (and kept
+    in the returned tail)."""
+    event = parse_event(line)
+    if event is None:
+        hooks.log(line.rstrip("\n"))
+        return (tail + [line.rstrip("\n")])[-200:]
+    if event.pop("kind") == "progress":
+        hooks.on_progress(event)
+    else:
+        hooks.on_event(event["type"], event["msg"], event.get("data") or {})
+    return tail
+
+
+def _job_outcome(
+    run_dir: Path,
+    phase_idx: int,
+    name: str,
+    folder: Path,
+    rc: int,
+    tail: list[str],
+    hooks: TrainHooks,
+) -> PhaseOutcome:
+    """Rank 0's outcome from ``result.json``; a failed job raises :class:`DistributedRunError`."""
     result_path = folder / RESULT_FILE
     result = json.loads(result_path.read_text()) if result_path.is_file() else None
     if result is None or result.get("status") == "failed":
         why = (result or {}).get("error") or "\n".join(crash_lines(tail))
         raise DistributedRunError(
-            f"[{phase.name}] torchrun exited with status {rc}; resume restarts from the last "
+            f"[{name}] torchrun exited with status {rc}; resume restarts from the last "
             f"checkpoint. {why}"
         )
     outcome = PhaseOutcome(**result)
@@ -637,15 +666,15 @@ def launch_phase(
         # finished its work: a rank that died later (while leaving the process group) lost
         # nothing. Accept the outcome when its checkpoint is complete on disk.
         named = outcome.final_checkpoint or outcome.last_checkpoint
-        latest = ckpt.latest_checkpoint(RunLayout(run_dir).phase_checkpoints(phase_idx, phase.name))
+        latest = ckpt.latest_checkpoint(RunLayout(run_dir).phase_checkpoints(phase_idx, name))
         if named is None or latest is None or latest.path.resolve() != Path(named).resolve():
             raise DistributedRunError(
-                f"[{phase.name}] torchrun exited with status {rc} and the checkpoint the phase "
+                f"[{name}] torchrun exited with status {rc} and the checkpoint the phase "
                 f"reported ({named}) is not the newest complete one; resume restarts from the "
                 f"last checkpoint. " + "\n".join(crash_lines(tail))
             )
         hooks.log(
-            f"[{phase.name}] warning: torchrun exited with status {rc} after the phase had "
+            f"[{name}] warning: torchrun exited with status {rc} after the phase had "
             f"{outcome.status} with a complete checkpoint ({named}); a rank failed while shutting "
             "down, nothing was lost:\n" + "\n".join(crash_lines(tail))
         )

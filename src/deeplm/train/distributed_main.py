@@ -90,6 +90,76 @@ def follow(run_dir: Path, cfg: RunConfig, cfg_path: Path, poll_s: float = 10.0) 
         time.sleep(poll_s)
 
 
+def _init_from(layout: RunLayout, cfg: RunConfig, idx: int) -> Path | None:
+    """The previous phase's final checkpoint (None for the first phase)."""
+    if idx == 0:
+        return None
+    prev = cfg.phases[idx - 1]
+    folder = layout.phase_checkpoints(idx - 1, prev.name)
+    latest = ckpt.latest_checkpoint(folder, verify_files=False)
+    if latest is None or not latest.meta.get("final"):
+        raise RuntimeError(
+            f"phase {cfg.phases[idx].name!r} needs the final checkpoint of {prev.name!r}"
+        )
+    return latest.path
+
+
+def _rank_hooks(folder: Path, sigterm: dict[str, bool]) -> TrainHooks:
+    """Rank 0 → launcher: progress and events as marked lines; a stop is SIGTERM or STOP."""
+
+    def should_stop() -> bool:
+        return sigterm["stop"] or (folder / STOP_FILE).exists()
+
+    return TrainHooks(
+        on_progress=lambda info: emit("progress", info),
+        should_stop=should_stop,
+        log=lambda msg: print(msg, flush=True),
+        on_event=lambda kind, msg, data: emit("event", {"type": kind, "msg": msg, "data": data}),
+    )
+
+
+def train_rank(
+    run_dir: Path, cfg: RunConfig, idx: int, is_main: bool, sigterm: dict[str, bool]
+) -> None:
+    """Train phase ``idx`` on this rank; rank 0 writes ``result.json`` (the outcome, or the
+    error)."""
+    layout = RunLayout(run_dir)
+    phase = cfg.phases[idx]
+    folder = dist_dir(run_dir, idx, phase)
+    if is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.load(layout.tokenizer)
+    train_shard = Shard.open(layout.shard(phase.name, "train"), tok.hash)
+    val_shard = Shard.open(layout.shard(phase.name, "val"), tok.hash)
+    init_from = _init_from(layout, cfg, idx)
+    hooks = _rank_hooks(folder, sigterm)
+    trainer = distributed_trainer(
+        cfg, idx, run_dir, tok, train_shard, val_shard, init_from=init_from, hooks=hooks
+    )
+    try:
+        outcome = trainer.run()
+    except Exception as exc:
+        if is_main:
+            atomic_write_json(
+                folder / RESULT_FILE,
+                {"status": "failed", "error": f"{type(exc).__name__}: {exc}"},
+            )
+        raise
+    if is_main:
+        atomic_write_json(folder / RESULT_FILE, dataclasses.asdict(outcome))
+
+
+def _follow_main(run_dir: Path, cfg: RunConfig, node_rank: int | None) -> int:
+    """``follow``: this node's rank (argument over config), the resolved config written."""
+    if node_rank is not None:
+        cfg.train.node_rank = node_rank
+    cfg.validate()
+    resolved = RunLayout(run_dir).follow_config(cfg.train.node_rank)
+    resolved.parent.mkdir(parents=True, exist_ok=True)
+    resolved.write_text(config_to_json(cfg), encoding="utf-8")
+    return follow(run_dir, cfg, resolved)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
@@ -100,70 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node-rank", type=int, help="follow: this node's rank (overrides config)")
     args = ap.parse_args(argv)
     run_dir: Path = args.run_dir
-    layout = RunLayout(run_dir)
-    cfg_path: Path = args.config or layout.config
-    cfg = _load(cfg_path)
+    cfg = _load(args.config or RunLayout(run_dir).config)
     if args.phase == "follow":
-        if args.node_rank is not None:
-            cfg.train.node_rank = args.node_rank
-        cfg.validate()
-        resolved = layout.follow_config(cfg.train.node_rank)
-        resolved.parent.mkdir(parents=True, exist_ok=True)
-        resolved.write_text(config_to_json(cfg), encoding="utf-8")
-        return follow(run_dir, cfg, resolved)
+        return _follow_main(run_dir, cfg, args.node_rank)
     sigterm = install_sigterm_stop()
     finished = False
     env, _device = init_distributed(cfg.train.device)
     try:
-        if args.phase == "next":
-            idx = next_phase(run_dir, cfg)
-            if idx is None:
-                return 0
-        else:
-            idx = int(args.phase)
-        phase = cfg.phases[idx]
-        folder = dist_dir(run_dir, idx, phase)
-        if env.is_main:
-            folder.mkdir(parents=True, exist_ok=True)
-        tok = Tokenizer.load(layout.tokenizer)
-        train_shard = Shard.open(layout.shard(phase.name, "train"), tok.hash)
-        val_shard = Shard.open(layout.shard(phase.name, "val"), tok.hash)
-        init_from = None
-        if idx > 0:
-            prev = cfg.phases[idx - 1]
-            folder = RunLayout(run_dir).phase_checkpoints(idx - 1, prev.name)
-            latest = ckpt.latest_checkpoint(folder, verify_files=False)
-            if latest is None or not latest.meta.get("final"):
-                raise RuntimeError(
-                    f"phase {phase.name!r} needs the final checkpoint of {prev.name!r}"
-                )
-            init_from = latest.path
-
-        def should_stop() -> bool:
-            return sigterm["stop"] or (folder / STOP_FILE).exists()
-
-        hooks = TrainHooks(
-            on_progress=lambda info: emit("progress", info),
-            should_stop=should_stop,
-            log=lambda msg: print(msg, flush=True),
-            on_event=lambda kind, msg, data: emit(
-                "event", {"type": kind, "msg": msg, "data": data}
-            ),
-        )
-        trainer = distributed_trainer(
-            cfg, idx, run_dir, tok, train_shard, val_shard, init_from=init_from, hooks=hooks
-        )
-        try:
-            outcome = trainer.run()
-        except Exception as exc:
-            if env.is_main:
-                atomic_write_json(
-                    folder / RESULT_FILE,
-                    {"status": "failed", "error": f"{type(exc).__name__}: {exc}"},
-                )
-            raise
-        if env.is_main:
-            atomic_write_json(folder / RESULT_FILE, dataclasses.asdict(outcome))
+        idx = next_phase(run_dir, cfg) if args.phase == "next" else int(args.phase)
+        if idx is None:
+            return 0
+        train_rank(run_dir, cfg, idx, env.is_main, sigterm)
         finished = True
         return 0
     except Exception:
