@@ -337,3 +337,19 @@ def test_forward_with_cache_matches_full_forward() -> None:
             model.forward_with_cache(idx[:, 10:12], cache, 10),
         ]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_training_loss_module_is_model_loss() -> None:
+    """What DDP wraps in training: a module whose forward is ``Transformer.loss``."""
+    from deeplm.model import TrainingLoss
+
+    torch.manual_seed(0)
+    model = Transformer(small_cfg())
+    idx = torch.randint(0, 64, (2, 10))
+    wrapped = TrainingLoss(model)
+    assert list(wrapped.parameters()) == list(model.parameters())
+    loss, unweighted = wrapped(idx, idx)
+    ref, ref_unweighted = model.loss(idx, idx)
+    assert torch.equal(loss, ref) and torch.equal(unweighted, ref_unweighted)
+    _, full = model(idx, idx)  # forward keeps (logits, loss)
+    torch.testing.assert_close(loss, full, atol=1e-5, rtol=1e-5)
