@@ -12,6 +12,7 @@ import torch
 from deeplm.config import ContextStage, FreezeStage, PhaseConfig, RunConfig
 from deeplm.model import Transformer
 from deeplm.train.checkpointer import Checkpointer
+from deeplm.train.compile import compile_for_training, step_plan
 from deeplm.train.curriculum import CurriculumPlan
 from deeplm.train.evaluator import Evaluator
 from deeplm.train.guard import DivergenceGuard, TrainingDiverged
@@ -161,8 +162,10 @@ def test_one_process_parallel_plan_is_the_plain_model():
     cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.vocab_size, cfg.max_seq_len = 1, 32, 2, 50, 16
     model = Transformer(cfg)
     par = Parallel()
+    plan = step_plan(RunConfig().train, CPU)  # auto on CPU: eager, chunked head
+    assert par.adapt_plan(plan) == plan and not plan.compile
     x = torch.randint(0, 50, (2, 8))
-    with par.micro_batch(model, last=False) as loss_fn:
+    with par.micro_batch(compile_for_training(model, plan), last=False) as loss_fn:
         loss, unweighted = loss_fn(x, x)
     assert torch.equal(loss, model.loss(x, x)[0]) and math.isfinite(float(unweighted))
     assert par.reduce_losses(loss, unweighted) == (loss, unweighted)

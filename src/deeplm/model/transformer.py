@@ -229,6 +229,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.n_frozen = 0
+        self.loss_head = "chunked"
         self.init_weights()
 
     # ------------------------------------------------------------------ init and bookkeeping
@@ -275,6 +276,14 @@ class Transformer(nn.Module):
         """Recompute each block's activations in backward (training only) to save memory."""
         self.grad_checkpointing = bool(flag)
 
+    def set_loss_head(self, head: str) -> None:
+        """How the training loss (:meth:`loss`) goes through the output head:
+        ``"chunked"`` (:func:`~deeplm.model.fused_loss.linear_cross_entropy`, no full logits
+        tensor) or ``"logits"`` (full logits then :func:`lm_loss`; one graph under compile)."""
+        if head not in ("chunked", "logits"):
+            raise ValueError(f"loss head must be chunked or logits, not {head!r}")
+        self.loss_head = head
+
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         """Parameter count, tied weights counted once. ``exclude_embedding`` drops the token
         embedding matrix (an untied LM head is still counted)."""
@@ -305,11 +314,19 @@ class Transformer(nn.Module):
         self, idx: Tensor, targets: Tensor, loss_weights: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """(loss, detached unweighted loss) of ``idx`` ``[B, T]`` against ``targets``, through
+        the training head (:meth:`set_loss_head`): ``chunked`` (default,
         :func:`~deeplm.model.fused_loss.linear_cross_entropy`: chunked over the vocabulary, the
-        full logits tensor never exists (gigabytes saved in training). Without ``loss_weights``
-        the two values are equal. Wrappers that only intercept ``__call__`` (DDP,
-        ``torch.compile``) reach this through :class:`TrainingLoss`."""
-        return linear_cross_entropy(self._hidden(idx), self.lm_head.weight, targets, loss_weights)
+        full logits tensor never exists, gigabytes saved) or ``logits`` (full logits, then
+        :func:`lm_loss`; one graph under compile). Without ``loss_weights`` the two values are
+        equal. Wrappers that only intercept ``__call__`` (DDP, ``torch.compile``) reach this
+        through :class:`TrainingLoss`."""
+        x = self._hidden(idx)
+        if self.loss_head == "logits":
+            logits = self.lm_head(x)
+            loss = lm_loss(logits, targets, loss_weights)
+            plain = loss if loss_weights is None else lm_loss(logits.detach(), targets)
+            return loss, plain.detach()
+        return linear_cross_entropy(x, self.lm_head.weight, targets, loss_weights)
 
     def _hidden(self, idx: Tensor) -> Tensor:
         """The final-norm hidden states ``[B, T, d]`` of ``idx``: the frozen bottom blocks run

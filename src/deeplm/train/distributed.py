@@ -68,10 +68,11 @@ from deeplm.atomic import atomic_write_text
 from deeplm.config import PhaseConfig, RunConfig, TrainConfig, config_to_json
 from deeplm.data.shards import Shard
 from deeplm.device import select_device
-from deeplm.model import TrainingLoss, Transformer
+from deeplm.model import Transformer
 from deeplm.run import checkpoint as ckpt
 from deeplm.run.layout import RunLayout
 from deeplm.tokenizer import Tokenizer
+from deeplm.train.compile import StepPlan
 from deeplm.train.hooks import TrainHooks
 from deeplm.train.parallel import LossFn, Parallel
 from deeplm.train.trainer import PhaseOutcome, PhaseTrainer
@@ -338,6 +339,10 @@ class DataParallel(Parallel):
 
     # -------------------------------------------------------------- the phase and its data
 
+    def adapt_plan(self, plan: StepPlan) -> StepPlan:
+        """DDP/FSDP2 wrap the model itself: blocks are compiled in place, under the wrapper."""
+        return dataclasses.replace(plan, scope="block")
+
     def rank_phase(self, phase: PhaseConfig) -> PhaseConfig:
         if self.mode == "fsdp2" and phase.lora_rank > 0:
             raise DistributedConfigError(
@@ -389,26 +394,27 @@ class DataParallel(Parallel):
             fully_shard(model)
             register_fsdp_forward_method(model, "loss")
 
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        """The DDP wrapper of ``model``'s loss. Rebuilt when the model object or the
-        frozen-layer count changes (DDP registers the trainable parameters once)."""
-        key = (id(model), model.n_frozen)
+    def _wrap(self, loss_module: nn.Module) -> nn.Module:
+        """The DDP wrapper of the loss module (:class:`~deeplm.model.TrainingLoss`). Rebuilt
+        when the module or the frozen-layer count changes (DDP registers the trainable
+        parameters once)."""
+        key = (id(loss_module), loss_module.model.n_frozen)
         if self._wrapped is None or self._wrapped_key != key:
             ids = [self._device.index] if self._device.type == "cuda" else None
-            self._wrapped = DDP(TrainingLoss(model), device_ids=ids)
+            self._wrapped = DDP(loss_module, device_ids=ids)
             self._wrapped_key = key
         return self._wrapped
 
     @contextmanager
-    def micro_batch(self, model: nn.Module, last: bool) -> Iterator[LossFn]:
+    def micro_batch(self, loss_module: nn.Module, last: bool) -> Iterator[LossFn]:
         """Gradients are all-reduced only on the step's last micro-batch."""
         if self.world_size == 1:
-            yield model.loss
+            yield loss_module
         elif self.mode == "fsdp2":
-            model.set_requires_gradient_sync(last)
-            yield model.loss
+            loss_module.model.set_requires_gradient_sync(last)
+            yield loss_module
         else:
-            wrapped = self._wrap(model)
+            wrapped = self._wrap(loss_module)
             if last:
                 yield wrapped
             else:

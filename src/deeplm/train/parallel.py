@@ -5,7 +5,8 @@ one-process answer (nothing to wrap, nothing to communicate).
 :class:`deeplm.train.distributed.DataParallel` answers for a torchrun job (DDP or FSDP2). The
 questions, grouped:
 
-- parallelize: :meth:`Parallel.rank_phase` (the phase as one rank runs it),
+- parallelize: :meth:`Parallel.adapt_plan` (the compile scope a wrapper allows),
+  :meth:`Parallel.rank_phase` (the phase as one rank runs it),
   :meth:`Parallel.prepare` (shard the model before the optimizer is built),
   :meth:`Parallel.micro_batch` (the loss callable of one micro-batch, with the gradient
   synchronisation that micro-batch needs), :meth:`Parallel.loader_args` (which slice of the data
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from deeplm.config import PhaseConfig
+from deeplm.train.compile import StepPlan
 from deeplm.train.hooks import TrainHooks
 
 LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -39,6 +41,10 @@ class Parallel:
     is_main = True
     rank = 0
     world_size = 1
+
+    def adapt_plan(self, plan: StepPlan) -> StepPlan:
+        """The device's step plan (compile scope, loss head) as this job can run it."""
+        return plan
 
     def rank_phase(self, phase: PhaseConfig) -> PhaseConfig:
         """The phase as this rank runs it (its share of the step's micro-batches)."""
@@ -59,10 +65,12 @@ class Parallel:
         """After the weights are loaded onto ``device``, before the optimizer is built."""
 
     @contextmanager
-    def micro_batch(self, model: nn.Module, last: bool) -> Iterator[LossFn]:
+    def micro_batch(self, loss_module: nn.Module, last: bool) -> Iterator[LossFn]:
         """The loss callable ``(idx, targets, weights) -> (loss, unweighted)`` of one
-        micro-batch; ``last``: the step's last one (gradients are synchronised then)."""
-        yield model.loss
+        micro-batch, from the trainer's ``loss_module``
+        (:func:`~deeplm.train.compile.compile_for_training`); ``last``: the step's last one
+        (gradients are synchronised then)."""
+        yield loss_module
 
     def reduce_losses(
         self, loss: torch.Tensor, unweighted: torch.Tensor

@@ -29,7 +29,6 @@ uninterrupted run on the same device.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,6 @@ from deeplm.data.shards import Shard
 from deeplm.device import (
     autocast_context,
     autocast_dtype,
-    compile_supported,
     select_device,
     set_threads,
 )
@@ -55,6 +53,7 @@ from deeplm.run.layout import RunLayout
 from deeplm.tokenizer import Tokenizer
 from deeplm.train.adapters import attach_adapters, merge_adapters
 from deeplm.train.checkpointer import Checkpointer
+from deeplm.train.compile import compile_for_training, regroup, step_plan
 from deeplm.train.curriculum import CurriculumPlan
 from deeplm.train.evaluator import Evaluator
 from deeplm.train.guard import DivergenceGuard, TrainingDiverged
@@ -136,7 +135,10 @@ class PhaseTrainer:
     ):
         self.parallel = parallel or Parallel()
         self.cfg = cfg
-        self.phase = self.parallel.rank_phase(cfg.phases[phase_idx])
+        # how steps run on this device (compile, loss head, micro-batch size): deeplm.train.compile
+        self.plan = self.parallel.adapt_plan(step_plan(cfg.train, select_device(cfg.train.device)))
+        phase = regroup(cfg.phases[phase_idx], self.plan.micro_batch_tokens)
+        self.phase = self.parallel.rank_phase(phase)
         self.phase_idx = phase_idx
         self.run_dir = run_dir
         self.layout = RunLayout(run_dir)
@@ -148,12 +150,13 @@ class PhaseTrainer:
         self.dir = self.layout.phase_checkpoints(phase_idx, self.phase.name)
         self.guard = DivergenceGuard(self.phase, phase_idx)
         self.plateau = PlateauStop(self.phase)
-        self.plan = CurriculumPlan(self.phase)
+        self.curriculum = CurriculumPlan(self.phase)
         self.checkpointer = Checkpointer(
             cfg, self.phase, phase_idx, self.dir, tokenizer, self.hooks.log
         )
         self.stop_reason = "budget"
-        self._compiled_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._train_module: nn.Module | None = None
+        self._compiled_for: nn.Module | None = None
 
     # ------------------------------------------------------------------ main
 
@@ -230,8 +233,8 @@ class PhaseTrainer:
         return grad_norm
 
     def _forward_loss(self, loss_fn: LossFn, x, y) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss to optimise, unweighted loss) for one micro-batch, through the chunked head
-        (:meth:`Transformer.loss`: no full logits tensor in memory)."""
+        """(loss to optimise, unweighted loss) for one micro-batch, through the training head
+        (:meth:`Transformer.loss`; by default chunked: no full logits tensor in memory)."""
         weights = None if self.token_weight_table is None else self.token_weight_table[y]
         with autocast_context(self.device, self.dtype):
             return loss_fn(x, y, weights)
@@ -241,15 +244,15 @@ class PhaseTrainer:
     def _follow_plan(self, step: int, tokens: int) -> None:
         """Before step ``step``: a new loader at a new context (same place in the data), and
         a new frozen-layer count (a kept checkpoint just before a new freeze)."""
-        seq_len = self.plan.new_context(step, self.loader.seq_len)
+        seq_len = self.curriculum.new_context(step, self.loader.seq_len)
         if seq_len is not None:
             state = self.loader.state_dict()
             self.loader = self._make_loader(seq_len)
             self.loader.load_state_dict(state)
             self.hooks.on_event("curriculum", f"context {seq_len} from step {step}", {})
-        n_frozen = self.plan.new_frozen(step, self.model.n_frozen)
+        n_frozen = self.curriculum.new_frozen(step, self.model.n_frozen)
         if n_frozen is not None:
-            if self.plan.keep_before_freeze(step):
+            if self.curriculum.keep_before_freeze(step):
                 path = self._save(step, tokens, final=False)
                 self.checkpointer.keep(path, f"before freezing {n_frozen} layers")
                 self.hooks.on_event(
@@ -416,6 +419,10 @@ class PhaseTrainer:
             self.hooks.log(
                 f"[{phase.name}] resuming from {existing.path} (step {step}/{phase.total_steps})"
             )
+        self.hooks.log(
+            f"[{phase.name}] {self.device.type}: {self.plan.describe()}; micro-batch "
+            f"{phase.micro_batch} x {phase.seq_len} x {phase.grad_accum} per step"
+        )
         return step, tokens
 
     def _train(self, step: int, tokens: int) -> PhaseOutcome:
@@ -433,8 +440,8 @@ class PhaseTrainer:
                 f"[{self.phase.name}] out of {self.device.type} memory at context {seq} with "
                 f"micro-batch {self.phase.micro_batch_for(seq)}: lower "
                 f"phases[{self.phase_idx}].micro_batch (raise grad_accum to keep the tokens per "
-                "step), or set model.grad_checkpointing = true; progress up to the last "
-                "checkpoint is kept"
+                "step) or train.micro_batch_tokens, or set model.grad_checkpointing = true; "
+                "progress up to the last checkpoint is kept"
             ) from exc
 
     def _stalled(self, seconds: float) -> None:
@@ -453,11 +460,11 @@ class PhaseTrainer:
         self.parallel.prepare(self.model, self.device)
         # The optimizer always sees every trainable parameter (freezing only drops gradients),
         # so its state lines up with a checkpoint whatever was frozen when it was written.
-        self.optimizer = build_optimizer(self.model, self.phase, self.device)
+        self.optimizer = build_optimizer(self.model, self.phase, self.device, self.plan.compile)
         self.evaluator.first_val_loss = None
         self.plateau.reset()
         if existing is None:
-            self.loader = self._make_loader(self.plan.context(0))
+            self.loader = self._make_loader(self.curriculum.context(0))
             return 0, 0
         return self._restore(ckpt.load_trainer_state(existing.path))
 
@@ -507,19 +514,14 @@ class PhaseTrainer:
         )
 
     def _compiled(self) -> nn.Module:
-        """The model to train: with ``train.compile``, each block is compiled in place (once per
-        model object). The blocks share one code object, so they share compiled graphs: one
-        compile per (context length, frozen/trainable) pair, seconds each, instead of minutes
-        for the whole model."""
-        if self.cfg.train.compile and self.model not in self._compiled_models:
-            if compile_supported(self.device):
-                torch._dynamo.config.cache_size_limit = max(
-                    torch._dynamo.config.cache_size_limit, 64
-                )
-                for block in self.model.blocks:
-                    block.compile(dynamic=False)
-            self._compiled_models.add(self.model)
-        return self.model
+        """The loss module to call for training steps (:func:`deeplm.train.compile.
+        compile_for_training` under this device's plan), built once per model object: a rollback
+        builds a new model."""
+        if self._train_module is None or self._compiled_for is not self.model:
+            self.model.set_loss_head(self.plan.loss_head)
+            self._train_module = compile_for_training(self.model, self.plan)
+            self._compiled_for = self.model
+        return self._train_module
 
     # ------------------------------------------------------------------ checkpoint state
 
