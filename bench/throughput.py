@@ -12,7 +12,7 @@ loss heads and data (synthetic tokens or a run's real shards).
         --shards RUN/shards/grammar/train
 
 Each configuration runs in its own process, so its peak memory (CUDA: max allocated; MPS: see
-``deeplm.train.device.peak_memory_bytes``; CPU: peak resident set size) is its own. MFU counts
+``deeplm.device.peak_memory_bytes``; CPU: peak resident set size) is its own. MFU counts
 ``6*N + 12*L*d*T`` FLOPs per token against the datasheet peak (CUDA) and, with ``--gemm-peak``,
 against a bf16/fp32 GEMM peak measured in the same run (any device). ``--baseline`` also runs
 the plain eager model (fp32 and bf16, logits head) at each context length and prints each
@@ -39,9 +39,8 @@ from pathlib import Path
 
 import torch
 
-from deeplm.config import OPTIMIZERS, load_config
-from deeplm.model import Transformer, count_parameters, describe, flops_per_token
-from deeplm.train.device import (
+from deeplm.config import COMPILE_MODES, OPTIMIZERS, load_config
+from deeplm.device import (
     autocast_context,
     peak_flops,
     peak_memory_bytes,
@@ -49,6 +48,8 @@ from deeplm.train.device import (
     select_device,
     synchronize,
 )
+from deeplm.model import Transformer, count_parameters, describe, flops_per_token
+from deeplm.train.compile import StepPlan, compile_for_training, step_plan
 from deeplm.train.optim import build_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,6 +74,28 @@ def _batches(data: str, shards: str | None, vocab: int, batch: int, seq_len: int
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+class LigerLM(torch.nn.Module):
+    """deeplm's model with the loss through Liger Kernel's fused linear cross-entropy (an
+    experiment: ``--head liger`` on CUDA with ``liger-kernel`` installed)."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        self.model, self.lce = model, LigerFusedLinearCrossEntropyLoss()
+
+    def forward(self, idx, targets, loss_weights=None, return_logits=False):
+        m = self.model
+        x = m.tok_emb(idx)
+        cos, sin = m.rope(x, idx.size(1))
+        for block in m.blocks:
+            x = block(x, cos, sin)
+        x = m.norm_f(x)
+        d = x.size(-1)
+        loss = self.lce(m.lm_head.weight.to(x.dtype), x.reshape(-1, d), targets.reshape(-1))
+        return loss.detach(), loss
+
+
 def bench_one(
     cfg,
     device,
@@ -88,25 +111,34 @@ def bench_one(
     data: str = "synthetic",
     shards: str | None = None,
     compile_scope: str = "block",
+    compile_mode: str = "default",
     ddp: bool = False,
     optimizer: str = "adamw",
+    profile: bool = False,
 ) -> dict:
-    """Time ``steps`` optimizer steps of one configuration (after ``warmup`` steps)."""
+    """Time ``steps`` optimizer steps of one configuration (after ``warmup`` steps): the
+    trainer's step (deeplm.train.compile's plan, its optimizer, gradient clipping)."""
     torch.manual_seed(0)
     if seq_len > cfg.model.max_seq_len:  # RoPE has no learned positions: any length can run
         cfg.model.max_seq_len = seq_len
     model = Transformer(cfg.model).to(device)
     model.set_grad_checkpointing(grad_ckpt)
     model.set_frozen_layers(frozen)
+    plan = StepPlan(
+        compile_, compile_scope, compile_mode, "logits" if head == "logits" else "chunked", 0
+    )
+    phase = dataclasses.replace(cfg.phases[0], optimizer=optimizer)
     # the optimizer training builds (deeplm.train.optim), with the preset's first-phase settings
-    opt = build_optimizer(model, dataclasses.replace(cfg.phases[0], optimizer=optimizer), device)
+    opt = build_optimizer(model, phase, device, plan.compile)
     dtype = torch.bfloat16 if precision == "bf16" else None
-    fwd: torch.nn.Module = model
-    if compile_ and compile_scope == "block":  # as the trainer does: 60 blocks, one graph
-        for block in model.blocks:
-            block.compile(dynamic=False)
-    elif compile_:
-        fwd = torch.compile(model)
+    model.set_loss_head(plan.loss_head)
+    if head == "liger":
+        fwd: torch.nn.Module = LigerLM(model)
+        fwd = torch.compile(fwd, dynamic=False) if compile_ and compile_scope == "model" else fwd
+        if compile_ and compile_scope == "block":
+            compile_for_training(model, plan)
+    else:
+        fwd = compile_for_training(model, plan)
     if ddp:  # under torchrun: gradients all-reduced every step, as in training
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -117,11 +149,13 @@ def bench_one(
     def step(timed_opt: list[float] | None = None) -> torch.Tensor:
         inp, tgt = next(batches)
         with autocast_context(device, dtype):
-            _, loss = fwd(inp, tgt, return_logits=head == "logits")
+            _, loss = fwd(inp, tgt, return_logits=False)
         loss.backward()
         if timed_opt is not None:
             synchronize(device)
             t = time.perf_counter()
+        params = [p for p in model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, phase.grad_clip)
         opt.step()
         if timed_opt is not None:
             synchronize(device)
@@ -141,7 +175,7 @@ def bench_one(
         loss = step()
     synchronize(device)
     dt = time.perf_counter() - t0
-    opt_times: list[float] = []  # the optimizer step alone, synchronised on both sides
+    opt_times: list[float] = []  # clip + optimizer step alone, synchronised on both sides
     for _ in range(steps):
         step(opt_times)
     opt_s = sorted(opt_times)[len(opt_times) // 2]
@@ -149,10 +183,11 @@ def bench_one(
     peak = peak_flops(device, dtype)
     mem = peak_memory_bytes(device)
     step_s = dt / steps
-    return {
+    result = {
         "precision": precision,
         "compile": compile_,
         "compile_scope": compile_scope if compile_ else None,
+        "compile_mode": compile_mode if compile_ else None,
         "frozen": frozen,
         "grad_checkpointing": grad_ckpt,
         "head": head,
@@ -171,6 +206,60 @@ def bench_one(
         "mfu": tok_s * flops_per_token(cfg.model, seq_len) / peak if peak else None,
         "peak_memory_gb": mem / 2**30 if mem else None,
         "loss": float(loss.item()),
+    }
+    if profile:
+        result["profile"] = profile_steps(step, device, step_s)
+    return result
+
+
+def _kernel_kind(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "efficient_attention")):
+        return "attention"
+    if any(k in n for k in ("gemm", "cutlass", "nvjet", "sm90_", "cublas", "xmma", "matmul")):
+        return "gemm"
+    if any(k in n for k in ("multi_tensor", "foreach", "adam", "fused_adam")):
+        return "optimizer (foreach/fused)"
+    if "memcpy" in n or "memset" in n or "copy" in n:
+        return "copy/memset"
+    if n.startswith("triton"):
+        return "triton (fused elementwise/norm/reduction)"
+    return "other (eager elementwise/reduction)"
+
+
+def profile_steps(step, device, step_s: float, n: int = 3) -> dict:
+    """torch.profiler over ``n`` steps: the top kernels by GPU time and the time per kind of
+    kernel, per step, against the step's wall time (the rest is the GPU waiting on the CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        synchronize(device)
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if (
+            dev_us > 0
+            and getattr(e, "device_type", None) is not None
+            and "CUDA" in str(e.device_type)
+        ):
+            rows.append((e.key, e.count / n, dev_us / n / 1000))
+    rows.sort(key=lambda r: -r[2])
+    kinds: dict[str, float] = {}
+    for name, _, ms in rows:
+        kinds[_kernel_kind(name)] = kinds.get(_kernel_kind(name), 0.0) + ms
+    busy = sum(kinds.values())
+    return {
+        "step_ms": 1000 * step_s,
+        "kernel_ms_per_step": busy,
+        "gpu_busy_fraction": busy / (1000 * step_s) if step_s else None,
+        "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [
+            {"name": name[:160], "calls_per_step": calls, "ms_per_step": ms}
+            for name, calls, ms in rows[:30]
+        ],
     }
 
 
@@ -226,9 +315,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
     ap.add_argument(
         "--compile-scope",
-        default="block",
+        nargs="+",
+        default=["block"],
         choices=["block", "model"],
-        help="compile each block (as training does) or the whole model",
+        help="compile each block in place or the whole model (train.compile_scope)",
+    )
+    ap.add_argument(
+        "--compile-mode",
+        nargs="+",
+        default=["default"],
+        choices=list(COMPILE_MODES),
+        help="torch.compile modes to time (train.compile_mode; reduce-overhead = CUDA graphs)",
+    )
+    ap.add_argument(
+        "--nanogpt",
+        action="store_true",
+        help="also time the plain nanoGPT-style reference (bench/nanogpt.py; CUDA)",
+    )
+    ap.add_argument("--skip-grid", action="store_true", help="only the references (--nanogpt)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch.profiler top kernels and GPU time by kernel kind for every configuration",
     )
     ap.add_argument(
         "--optimizer",
@@ -265,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         "--head",
         nargs="+",
         default=["chunked"],
-        choices=["chunked", "logits"],
-        help="loss through the chunked fused head (training's) or full float32 logits",
+        choices=["chunked", "logits", "liger"],
+        help="training loss head: chunked (no full logits), logits (full logits, fused under "
+        "compile), liger (Liger Kernel's fused linear cross-entropy; CUDA, liger-kernel)",
     )
     ap.add_argument("--data", nargs="+", default=["synthetic"], choices=["synthetic", "shards"])
     ap.add_argument("--shards", help="shard prefix for --data shards (RUN/shards/PHASE/train)")
@@ -297,7 +406,14 @@ def main(argv: list[str] | None = None) -> int:
         return _rank_main(cfg, args)
     device = select_device(args.device)
     if args.one:  # child process: one configuration, result as JSON on the last line
-        print(json.dumps(bench_one(cfg, device, **json.loads(args.one))))
+        spec = json.loads(args.one)
+        if spec.pop("nanogpt", False):
+            from nanogpt import bench_nanogpt
+
+            r = bench_nanogpt(cfg, device, spec["batch"], spec["seq_len"], spec["steps"], 3)
+        else:
+            r = bench_one(cfg, device, **spec)
+        print(json.dumps(r))
         return 0
     print(
         f"{args.preset}: {describe(cfg.model)} on {device} "
@@ -322,25 +438,62 @@ def main(argv: list[str] | None = None) -> int:
         for seq_len, precision in itertools.product(args.seq_len, ["fp32", "bf16"]):
             spec = _spec(args, seq_len, precision, False, 0, False, "logits", "synthetic")
             r = _run_child(argv_base(args), spec)
+            if "error" in r:
+                print(f"  baseline FAILED: {r['error'][-300:]}", flush=True)
+                continue
             baselines[(seq_len, precision)] = r
             report["baseline"].append(r)
             _print_result("baseline eager ", r, measured_peak)
+    if args.nanogpt:
+        report["nanogpt"] = []
+        for seq_len in args.seq_len:
+            r = _run_child(
+                argv_base(args),
+                {"nanogpt": True, "batch": args.batch, "seq_len": seq_len, "steps": args.steps},
+            )
+            if "error" not in r:
+                fpt = flops_per_token(cfg.model, seq_len)
+                peak = peak_flops(device, torch.bfloat16)
+                r["mfu"] = r["tokens_per_s"] * fpt / peak if peak else None
+                mfu = f"{100 * r['mfu']:.1f}%" if peak else "n/a"
+                print(
+                    f"  nanoGPT reference T={seq_len}: {r['tokens_per_s']:>10,.0f} tok/s, "
+                    f"MFU {mfu}, first step {r['first_step_s']:.1f}s",
+                    flush=True,
+                )
+            report["nanogpt"].append(r)
     results = []
     grid = itertools.product(
         args.seq_len,
         args.precision,
         args.compile,
+        args.compile_scope,
+        args.compile_mode,
         args.frozen,
         args.grad_checkpointing,
         args.head,
         args.data,
         args.optimizer,
     )
-    for seq_len, precision, comp, frozen, ckpt_, head, data, optim in grid:
+    default = default_row(cfg, device)
+    if args.skip_grid:
+        grid = iter(())
+    for seq_len, precision, comp, scope, mode, frozen, ckpt_, head, data, optim in grid:
+        if comp == "off" and (scope, mode) != (args.compile_scope[0], args.compile_mode[0]):
+            continue  # eager: scope and mode do not apply
         spec = _spec(args, seq_len, precision, comp == "on", frozen, ckpt_ == "on", head, data)
-        spec["optimizer"] = optim
+        spec.update(optimizer=optim, compile_scope=scope, compile_mode=mode, profile=args.profile)
         r = _run_child(argv_base(args), spec)
-        for base_precision in ("fp32", "bf16"):
+        if "error" in r:
+            print(f"  FAILED {spec}: {r['error'][-300:]}", flush=True)
+            results.append(r)
+            continue
+        key = (r["compile"], r["compile_scope"], r["compile_mode"], r["head"], r["optimizer"])
+        r["default_path"] = key == default and precision == "bf16" and not frozen
+        for nano in report.get("nanogpt", []):
+            if nano.get("seq_len") == seq_len and "tokens_per_s" in nano:
+                r["speedup_vs_nanogpt"] = r["tokens_per_s"] / nano["tokens_per_s"]
+        for base_precision in ("fp32", "bf16"):  # the eager baseline (--baseline)
             base = baselines.get((seq_len, base_precision))
             if base:
                 r[f"speedup_vs_eager_{base_precision}"] = r["tokens_per_s"] / base["tokens_per_s"]
@@ -371,11 +524,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def default_row(cfg, device) -> tuple:
+    """(compile, scope, mode, head, optimizer) of the path ``deeplm run`` takes on ``device``."""
+    plan = step_plan(cfg.train, device)
+    scope = plan.scope if plan.compile else None
+    mode = plan.mode if plan.compile else None
+    return (plan.compile, scope, mode, plan.loss_head, cfg.phases[0].optimizer)
+
+
 def _spec(args, seq_len, precision, compile_, frozen, grad_ckpt, head, data) -> dict:
     return {
         "precision": precision,
         "compile_": compile_,
-        "compile_scope": args.compile_scope,
         "batch": args.batch,
         "seq_len": seq_len,
         "steps": args.steps,
@@ -419,9 +579,13 @@ def _print_result(label: str, r: dict, measured_peak: dict[str, float]) -> None:
         for k in ("speedup_vs_eager_fp32", "speedup_vs_eager_bf16")
         if k in r
     )
-    comp = "on" if r["compile"] else "off"
+    comp = f"{r['compile_scope']}/{r['compile_mode']}" if r["compile"] else "off"
+    if "speedup_vs_nanogpt" in r:
+        speed += f"  x{r['speedup_vs_nanogpt']:.2f} vs nanoGPT"
+    if r.get("default_path"):
+        speed += "  <- default path"
     print(
-        f"  {label}T={r['seq_len']:<4} {r['precision']:<4} compile={comp:<3} "
+        f"  {label}T={r['seq_len']:<4} {r['precision']:<4} compile={comp:<14} "
         f"frozen={r['frozen']:<3} ckpt={'on' if r['grad_checkpointing'] else 'off':<3} "
         f"head={r['head']:<7} {r['data']:<9} {r.get('optimizer', 'adamw'):<9}"
         f"{r['tokens_per_s']:>10,.0f} tok/s {r['step_ms']:8.1f} ms/step  "
@@ -489,11 +653,13 @@ def _run_ranks(base: list[str], spec: dict, world: int) -> dict:
 
 
 def _run_child(base: list[str], spec: dict) -> dict:
+    """One configuration in its own process; a failure is recorded (``error``), not raised, so
+    the rest of a grid still runs."""
     out = subprocess.run(
         [sys.executable, __file__, *base, "--one", json.dumps(spec)], capture_output=True, text=True
     )
     if out.returncode != 0:
-        raise RuntimeError(f"benchmark configuration {spec} failed:\n{out.stderr[-2000:]}")
+        return dict(spec, error=out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

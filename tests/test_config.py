@@ -84,7 +84,7 @@ def test_invalid_values(override, match):
 
 def test_overrides_apply():
     cfg = load_config(preset="tiny", overrides=["phases.1.lr=5e-4", "train.compile=true"])
-    assert cfg.phases[1].lr == 5e-4 and cfg.train.compile is True
+    assert cfg.phases[1].lr == 5e-4 and cfg.train.compile == "on"
 
 
 def test_not_utf8_and_bad_toml(tmp_path):

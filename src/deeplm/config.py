@@ -26,6 +26,10 @@ PRESETS_DIR = Path(__file__).parent / "configs"
 ACTIVATIONS = ("gelu", "relu2", "swiglu")
 OPTIMIZERS = ("adamw", "muon", "adafactor")
 SCHEDULES = ("cosine", "wsd")
+COMPILE_CHOICES = ("auto", "on", "off")
+COMPILE_SCOPES = ("auto", "block", "model")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+LOSS_HEADS = ("auto", "chunked", "logits")
 
 
 class ConfigError(ValueError):
@@ -367,7 +371,20 @@ class TrainConfig:
 
     device: str = "auto"  # auto | cpu | cuda | mps
     precision: str = "auto"  # auto | fp32 | bf16
-    compile: bool = False
+    # torch.compile: "auto" (on CUDA only), "on", "off" (true/false read as on/off). The scope:
+    # "block" (each block in place; seconds to compile), "model" (the whole model; fewer kernels
+    # and launches), "auto" (model on CUDA, block elsewhere). The mode is torch.compile's
+    # (default, max-autotune-no-cudagraphs, max-autotune, reduce-overhead = CUDA graphs).
+    compile: str = "auto"
+    compile_scope: str = "auto"
+    compile_mode: str = "default"
+    # Loss through the output head: "chunked" (no full logits tensor: laptop memory), "logits"
+    # (full logits; fuses under compile), "auto" (chunked). docs/performance.md has the figures.
+    loss_head: str = "auto"
+    # Largest micro-batch in tokens: each optimizer step's micro_batch x grad_accum windows are
+    # regrouped into the fewest micro-batches within it (same tokens, windows and order per
+    # step). 0 = auto (32,768 on CUDA; the phase's micro_batch elsewhere).
+    micro_batch_tokens: int = 0
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     log_every: int = 10
     progress: bool = True
@@ -442,6 +459,16 @@ class RunConfig:
                 f"train.precision must be auto, fp32 or bf16, not {self.train.precision!r}"
             )
         t = self.train
+        for key, allowed in (
+            ("compile", COMPILE_CHOICES),
+            ("compile_scope", COMPILE_SCOPES),
+            ("compile_mode", COMPILE_MODES),
+            ("loss_head", LOSS_HEADS),
+        ):
+            if getattr(t, key) not in allowed:
+                raise ConfigError(
+                    f"train.{key} must be one of {', '.join(allowed)}, not {getattr(t, key)!r}"
+                )
         if t.devices < 1 or t.nodes < 1:
             raise ConfigError(
                 f"train.devices and train.nodes must be >= 1, got {t.devices}, {t.nodes}"
@@ -561,6 +588,10 @@ _ALIASES = {
 }
 
 
+# Values older configs wrote for a key whose type has since changed (config.json of old runs).
+_LEGACY_VALUES: dict[str, dict[Any, Any]] = {"train.compile": {True: "on", False: "off"}}
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "", origin_file: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -575,6 +606,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "", origin_file: str =
             raise ConfigError(
                 f"{where}unknown key '{full}' ({hint}known: {', '.join(sorted(names))})"
             )
+        value = _LEGACY_VALUES.get(full, {}).get(value, value) if isinstance(value, bool) else value
         kwargs[key] = _coerce(value, hints[key], full, origin_file)
     return cls(**kwargs)
 

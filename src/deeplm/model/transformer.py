@@ -229,6 +229,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.n_frozen = 0
+        self.loss_head = "chunked"
         self.init_weights()
 
     # ------------------------------------------------------------------ init and bookkeeping
@@ -275,6 +276,14 @@ class Transformer(nn.Module):
         """Recompute each block's activations in backward (training only) to save memory."""
         self.grad_checkpointing = bool(flag)
 
+    def set_loss_head(self, head: str) -> None:
+        """How the training loss (``return_logits=False``) goes through the output head:
+        ``"chunked"`` (:func:`~deeplm.model.fused_loss.linear_cross_entropy`, no full logits
+        tensor) or ``"logits"`` (full logits then :func:`lm_loss`; one graph under compile)."""
+        if head not in ("chunked", "logits"):
+            raise ValueError(f"loss head must be chunked or logits, not {head!r}")
+        self.loss_head = head
+
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         """Parameter count, tied weights counted once. ``exclude_embedding`` drops the token
         embedding matrix (an untied LM head is still counted)."""
@@ -298,9 +307,10 @@ class Transformer(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """``idx`` ``[B, T]`` (T <= max_seq_len) -> (float32 logits ``[B, T, V]``, loss or None).
 
-        ``return_logits=False`` (with ``targets``): the loss goes through
+        ``return_logits=False`` (with ``targets``): the loss goes through the training head
+        (:meth:`set_loss_head`; by default
         :func:`~deeplm.model.fused_loss.linear_cross_entropy`, chunked, without the full logits
-        tensor, and the first element is the detached *unweighted* loss instead of the logits
+        tensor), and the first element is the detached *unweighted* loss instead of the logits
         (equal to the loss without ``loss_weights``). Training uses this; it saves gigabytes.
         """
         t = idx.size(1)
@@ -323,6 +333,11 @@ class Transformer(nn.Module):
         x = self.norm_f(x)
         head = self.lm_head
         if targets is not None and not return_logits and head.bias is None:
+            if self.loss_head == "logits":
+                logits = head(x)
+                loss = lm_loss(logits, targets, loss_weights)
+                plain = loss if loss_weights is None else lm_loss(logits.detach(), targets)
+                return plain.detach(), loss
             loss, unweighted = linear_cross_entropy(x, head.weight, targets, loss_weights)
             return unweighted, loss
         logits = head(x).float()

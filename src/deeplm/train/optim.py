@@ -64,7 +64,13 @@ def muon_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
 
 
 class BatchedMuon(torch.optim.Muon):
-    """``torch.optim.Muon`` whose step orthogonalises same-shaped matrices in one batch."""
+    """``torch.optim.Muon`` whose step orthogonalises same-shaped matrices in one batch.
+    ``compile_ns``: the Newton-Schulz iteration runs ``torch.compile``-d (one graph per matrix
+    shape; the LR and weight decay stay outside it, so a changing LR never recompiles)."""
+
+    def __init__(self, *args: Any, compile_ns: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ns = torch.compile(newton_schulz, dynamic=False) if compile_ns else newton_schulz
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -95,7 +101,7 @@ class BatchedMuon(torch.optim.Muon):
             bufs.append(state["momentum_buffer"])
         torch._foreach_lerp_(bufs, grads, 1 - mom)
         updates = torch._foreach_lerp(grads, bufs, mom) if group["nesterov"] else bufs
-        ortho = newton_schulz(
+        ortho = self._ns(
             torch.stack(updates), group["ns_coefficients"], group["ns_steps"], group["eps"]
         )
         step_lr = muon_lr(lr, group["adjust_lr_fn"], params[0].shape)
@@ -146,7 +152,9 @@ def is_muon_matrix(name: str, p: Tensor) -> bool:
     return p.dim() == 2 and name.startswith("blocks.") and "lora_" not in name
 
 
-def build_muon(model: nn.Module, phase: PhaseConfig, device: torch.device) -> MuonAdamW:
+def build_muon(
+    model: nn.Module, phase: PhaseConfig, device: torch.device, compile_ns: bool = False
+) -> MuonAdamW:
     matrices, other_decay, other_no_decay = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -163,6 +171,7 @@ def build_muon(model: nn.Module, phase: PhaseConfig, device: torch.device) -> Mu
         nesterov=True,
         ns_steps=phase.muon_ns_steps,
         adjust_lr_fn=phase.muon_adjust_lr,
+        compile_ns=compile_ns,
     )
     aux = (phase.adamw_lr or phase.lr) / phase.lr
     adamw = torch.optim.AdamW(
@@ -179,10 +188,12 @@ def build_muon(model: nn.Module, phase: PhaseConfig, device: torch.device) -> Mu
 
 
 def build_optimizer(
-    model: nn.Module, phase: PhaseConfig, device: torch.device
+    model: nn.Module, phase: PhaseConfig, device: torch.device, compile_: bool = False
 ) -> torch.optim.Optimizer:
+    """The phase's optimizer over ``model``'s trainable parameters; ``compile_`` compiles the
+    parts that have a fixed-shape tensor core (Muon's Newton-Schulz iteration)."""
     if phase.optimizer == "muon":
-        return build_muon(model, phase, device)
+        return build_muon(model, phase, device, compile_ns=compile_)
     groups = param_groups(model, phase.weight_decay)
     if phase.optimizer == "adamw":
         return torch.optim.AdamW(

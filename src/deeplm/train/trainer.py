@@ -39,7 +39,6 @@ from deeplm.data.shards import Shard
 from deeplm.device import (
     autocast_context,
     autocast_dtype,
-    compile_supported,
     peak_flops,
     peak_memory_bytes,
     select_device,
@@ -53,6 +52,7 @@ from deeplm.model.lora import apply_lora, merge_lora
 from deeplm.run import checkpoint as ckpt
 from deeplm.run.layout import RunLayout
 from deeplm.tokenizer import Tokenizer
+from deeplm.train.compile import compile_for_training, regroup, step_plan
 from deeplm.train.metrics import MetricsLogger
 from deeplm.train.optim import build_optimizer, set_lr
 from deeplm.train.schedule import lr_at
@@ -177,6 +177,11 @@ class PhaseTrainer:
         self.val_shard = val_shard
         self.init_from = init_from
         self.hooks = hooks or TrainHooks()
+        # how steps run on this device (compile, loss head, micro-batch size): deeplm.train.compile
+        self.plan = step_plan(cfg.train, select_device(cfg.train.device))
+        self.phase = regroup(self.phase, self.plan.micro_batch_tokens)
+        self._train_module: torch.nn.Module | None = None
+        self._compiled_for: torch.nn.Module | None = None
         self.dir = RunLayout(run_dir).phase_checkpoints(phase_idx, self.phase.name)
         # divergence-handling state (kept across rollbacks, saved in checkpoints)
         self.lr_scale = 1.0
@@ -339,7 +344,7 @@ class PhaseTrainer:
         self._prepare_model()
         # The optimizer always sees every trainable parameter (freezing only drops gradients),
         # so its state lines up with a checkpoint whatever was frozen when it was written.
-        self.optimizer = build_optimizer(self.model, self.phase, self.device)
+        self.optimizer = build_optimizer(self.model, self.phase, self.device, self.plan.compile)
         self.first_val_loss = None
         self.best_val = None
         self.evals_since_best = 0
@@ -393,6 +398,10 @@ class PhaseTrainer:
         step, tokens = self._setup(existing)
         if existing is not None:
             hooks.log(f"[{phase.name}] resuming from {existing.path} (step {step}/{total})")
+        hooks.log(
+            f"[{phase.name}] {self.device.type}: {self.plan.describe()}; micro-batch "
+            f"{phase.micro_batch} x {phase.seq_len} x {phase.grad_accum} per step"
+        )
 
         self.metrics = self._make_metrics(step)
 
@@ -416,7 +425,8 @@ class PhaseTrainer:
                 f"[{phase.name}] out of {self.device.type} memory at context {seq} with "
                 f"micro-batch {phase.micro_batch * phase.seq_len // seq}: lower "
                 f"phases[{self.phase_idx}].micro_batch (raise grad_accum to keep the tokens per "
-                "step), or set model.grad_checkpointing = true; progress up to the last "
+                "step) or train.micro_batch_tokens, or set model.grad_checkpointing = true; "
+                "progress up to the last "
                 "checkpoint is kept"
             ) from exc
         finally:
@@ -473,18 +483,13 @@ class PhaseTrainer:
         return loss, unweighted
 
     def _compiled(self) -> torch.nn.Module:
-        """The model to train: with ``train.compile``, each block is compiled in place. The 60
-        blocks share one code object, so they share compiled graphs: one compile per (context
-        length, frozen/trainable) pair, seconds each, instead of minutes for the whole model."""
-        if self.cfg.train.compile and not getattr(self.model, "_blocks_compiled", False):
-            if compile_supported(self.device):
-                torch._dynamo.config.cache_size_limit = max(
-                    torch._dynamo.config.cache_size_limit, 64
-                )
-                for block in self.model.blocks:
-                    block.compile(dynamic=False)
-            self.model._blocks_compiled = True
-        return self.model
+        """The module to call for training steps (:func:`deeplm.train.compile.compile_for_training`
+        under this device's plan), built once per model object: a rollback builds a new model."""
+        if self._train_module is None or self._compiled_for is not self.model:
+            self.model.set_loss_head(self.plan.loss_head)
+            self._train_module = compile_for_training(self.model, self.plan)
+            self._compiled_for = self.model
+        return self._train_module
 
     def _rollback(self, step: int, reason: str) -> tuple[int, int]:
         """Return to the newest good checkpoint with a lower LR and a longer warmup."""

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU speed grid (issue #14) in one device call: every configuration of the training step
+# (compile scope and mode, loss head, optimizer, micro-batch) and the nanoGPT reference, timed
+# one at a time on an otherwise idle GPU, each with a torch.profiler summary.
+#
+#   OUT=/tmp/speed bash bench/h200_speed.sh explore     # the grid of levers
+#   OUT=/tmp/speed bash bench/h200_speed.sh final       # the default path vs the references
+#
+# Compilation dominates a cold configuration (~1 min each for the whole 60-layer model), so a
+# warm-up pass first runs every configuration for one step, three at a time, to fill the
+# inductor cache; the timed pass then runs them one by one. Results: $OUT/<name>.json and
+# $OUT/<name>.log; first-step times of both passes are in the JSON and logs.
+set -uo pipefail
+GRID=${1:-explore}
+OUT=${OUT:-/tmp/speed}
+PAR=${PAR:-3}
+STEPS=${STEPS:-20}
+mkdir -p "$OUT"
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
+PY=${PYTHON:-python}
+COMMON="--preset 60m --seq-len 512 --precision bf16 --compile on"
+
+if [ "$GRID" = explore ]; then
+  CONFIGS=(
+    "block-chunked|--batch 64 --compile-scope block --head chunked --optimizer muon"
+    "model-chunked|--batch 64 --compile-scope model --head chunked --optimizer muon"
+    "model-logits|--batch 64 --compile-scope model --head logits --optimizer muon"
+    "model-logits-autotune|--batch 64 --compile-scope model --compile-mode max-autotune-no-cudagraphs --head logits --optimizer muon"
+    "model-logits-adamw|--batch 64 --compile-scope model --head logits --optimizer adamw"
+    "model-liger|--batch 64 --compile-scope model --head liger --optimizer muon"
+    "model-logits-cudagraphs|--batch 64 --compile-scope model --compile-mode reduce-overhead --head logits --optimizer muon"
+  )
+else
+  CONFIGS=(
+    "final-b128|--batch 128 --nanogpt --compile-scope block model --head chunked --optimizer muon --gemm-peak"
+    "final-b64|--batch 64 --nanogpt ${FINAL_ARGS:---compile-scope model --head logits --optimizer muon adamw}"
+  )
+fi
+
+run() {  # name, args, steps, extra
+  local name=$1 args=$2 steps=$3 extra=$4
+  # shellcheck disable=SC2086
+  $PY bench/throughput.py $COMMON $args --steps "$steps" --warmup 3 $extra
+}
+export -f run
+export PY COMMON
+
+if [ "${WARM:-1}" = 1 ]; then
+  echo "== warm-up pass ($PAR at a time) $(date +%T)"
+  printf '%s\n' "${CONFIGS[@]}" | xargs -P "$PAR" -I{} bash -c \
+    'c="{}"; n=${c%%|*}; a=${c#*|}; timeout ${WARM_TIMEOUT:-240} bash -c "run $n \"$a\" 1 \"--json '"$OUT"'/warm-$n.json\"" > '"$OUT"'/warm-$n.log 2>&1; echo "warm $n rc=$?"'
+fi
+echo "== timed pass $(date +%T)"
+for c in "${CONFIGS[@]}"; do
+  n=${c%%|*}; a=${c#*|}
+  timeout "${TIMED_TIMEOUT:-150}" bash -c "run $n \"$a\" $STEPS \"--profile --json $OUT/$n.json\"" \
+    > "$OUT/$n.log" 2>&1
+  echo "timed $n rc=$? $(date +%T)"; grep -E "tok/s|FAILED" "$OUT/$n.log" | cut -c1-260
+done
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.csv" 2>&1 || true
