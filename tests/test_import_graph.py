@@ -161,9 +161,7 @@ def test_the_checks_can_fail():
     assert find_cycles([("a", "b"), ("b", "c")]) == []
     edges = {("model", "train"): ["model/x.py:1"], ("train", "model"): ["train/y.py:2"]}
     assert find_cycles(edges) == [["model", "train"]]
-    assert layering_violations(edges) == [
-        "model imports train against the layering: model/x.py:1"
-    ]
+    assert layering_violations(edges) == ["model imports train against the layering: model/x.py:1"]
     assert layering_violations({("run", "eval"): ["run/z.py:3"]}) != []
     assert layering_violations({("newpart", "run"): ["newpart/a.py:1"]}) != []
 

@@ -536,25 +536,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeplm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def cfg_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--preset", help=f"a preset ({', '.join(list_presets())}); default tiny")
-        p.add_argument(
-            "--allow-config-change",
-            action="store_true",
-            help="resume a run with a changed config when no change can invalidate finished "
-            "work (training keys of a phase not started, eval/save cadence of a phase not "
-            "finished; docs/configuration.md)",
-        )
-        p.add_argument("--config", help="a TOML config file (instead of --preset)")
-        p.add_argument(
-            "--set",
-            action="append",
-            metavar="KEY=VALUE",
-            help="override a config value, e.g. --set phases.0.lr=1e-3 (repeatable)",
-        )
+    _add_pipeline_commands(sub)
+    p = sub.add_parser("status", help="show a run's stages, phases, progress and metrics")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_status)
 
+    _add_model_commands(sub)
+    p = sub.add_parser("presets", help="list presets with their exact parameter counts")
+    p.set_defaults(fn=cmd_presets)
+    return parser
+
+
+def _cfg_args(p: argparse.ArgumentParser) -> None:
+    """Which config: a preset or a TOML file, overrides, config changes on resume."""
+    p.add_argument("--preset", help=f"a preset ({', '.join(list_presets())}); default tiny")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume a run with a changed config when no change can invalidate finished "
+        "work (training keys of a phase not started, eval/save cadence of a phase not "
+        "finished; docs/configuration.md)",
+    )
+    p.add_argument("--config", help="a TOML config file (instead of --preset)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set phases.0.lr=1e-3 (repeatable)",
+    )
+
+
+def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
+    """``run``, ``worker``, ``temporal ...``, ``prepare``, ``import``."""
     p = sub.add_parser("run", help="run the whole pipeline (resumes; skips what is done)")
-    cfg_args(p)
+    _cfg_args(p)
     p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
@@ -587,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prepare", help="only the data stages: prepare, tokenizer, tokenize (resumable)"
     )
-    cfg_args(p)
+    _cfg_args(p)
     p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
@@ -600,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "import", help="make a data run from pre-tokenized files (nanoGPT / llm.c .bin)"
     )
-    cfg_args(p)
+    _cfg_args(p)
     p.add_argument("--train", required=True, help="training tokens (.bin: raw uint16 or llm.c)")
     p.add_argument("--val", required=True, help="validation tokens (same format)")
     p.add_argument("--tokenizer", required=True, help="the tokenizer.json they were encoded with")
@@ -610,11 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="uint16", choices=["uint16", "uint32"], help="raw files")
     p.set_defaults(fn=cmd_import)
 
-    p = sub.add_parser("status", help="show a run's stages, phases, progress and metrics")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(fn=cmd_status)
 
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """``generate``, ``chat``, ``eval``, ``export``, ``serve``: what uses a trained model."""
     p = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
     _model_args(p)
     p.add_argument("--prompt", required=True)
@@ -669,10 +683,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no access log")
     _serve_limit_args(p)
     p.set_defaults(fn=cmd_serve)
-
-    p = sub.add_parser("presets", help="list presets with their exact parameter counts")
-    p.set_defaults(fn=cmd_presets)
-    return parser
 
 
 def _worker_args(p: argparse.ArgumentParser) -> None:

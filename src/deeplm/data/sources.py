@@ -22,7 +22,7 @@ from typing import Any
 
 from deeplm.config import SourceConfig
 from deeplm.data.documents import Document, SourceError, SourceStats, SourceWarning
-from deeplm.data.offline import package_dir, iter_offline
+from deeplm.data.offline import iter_offline, package_dir
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")

@@ -28,9 +28,7 @@ def words(text: str) -> list[str]:
     return WORD_RE.findall(text.lower())
 
 
-def distinct_n(
-    texts: Sequence[str], n: int, split: Callable[[str], list[str]] = words
-) -> float:
+def distinct_n(texts: Sequence[str], n: int, split: Callable[[str], list[str]] = words) -> float:
     """Unique word n-grams over all n-grams of ``texts`` (0.0 when there are none); ``split``
     cuts a text into words (default :func:`words`; the training loop's samples use
     ``str.split``, as its logged ``distinct_1``/``distinct_2`` always have)."""

@@ -124,79 +124,116 @@ def run_suite(
     parts done, parts in all)`` is called as each part starts (progress)."""
     opt = options or SuiteOptions()
     parts = iter(enumerate(SUITE_PARTS))
-
-    def start(name: str) -> None:
-        for i, part in parts:
-            if part == name:
-                on_part(name, i, len(SUITE_PARTS))
-                return
-
     timings: dict[str, float] = {}
     results: dict[str, Any] = {"version": RESULTS_VERSION, "options": asdict(opt)}
     model.eval()
+    has_run = run_cfg is not None and run_dir is not None
+    t0 = 0.0
+
+    def start(name: str) -> None:
+        nonlocal t0
+        for i, part in parts:
+            if part == name:
+                on_part(name, i, len(SUITE_PARTS))
+                break
+        t0 = time.perf_counter()
+
+    def took(name: str) -> None:
+        timings[name] = time.perf_counter() - t0
 
     start("bpb")
-    t0 = time.perf_counter()
     shards: dict[str, tuple[Shard, Shard]] = {}
-    per_phase: dict[str, Any] = {}
-    if run_cfg is not None and run_dir is not None:
-        table = token_byte_lengths(tokenizer)
-        for phase in run_cfg.phases:
-            prefixes = [RunLayout(run_dir).shard(phase.name, s) for s in ("train", "val")]
-            if not all(is_shard_complete(p, tokenizer.hash) for p in prefixes):
-                continue
-            train, val = (Shard.open(p, tokenizer.hash) for p in prefixes)
-            shards[phase.name] = (train, val)
-            seq_len = min(phase.seq_len, model.cfg.max_seq_len)
-            n_batches = opt.eval_batches or phase.eval_batches
-            per_phase[phase.name] = evaluate_bpb(
-                model, val, table, seq_len, phase.micro_batch, n_batches, device, dtype
-            )
-    results["per_phase"] = per_phase
-    timings["bpb"] = time.perf_counter() - t0
-
-    if run_cfg is not None and run_dir is not None:
+    results["per_phase"] = {}
+    if has_run:
+        shards = _phase_shards(run_dir, run_cfg, tokenizer)
+        results["per_phase"] = _phase_bpb(model, tokenizer, run_cfg, shards, device, dtype, opt)
+    took("bpb")
+    if has_run:
         start("forgetting")
-        t0 = time.perf_counter()
         matrix = forgetting_matrix(Path(run_dir), run_cfg, tokenizer, device, dtype)
         results["forgetting"] = {
             "matrix": matrix,
             "margin": opt.forgetting_margin,
             "warnings": forgetting_warnings(matrix, run_cfg, opt.forgetting_margin),
         }
-        timings["forgetting"] = time.perf_counter() - t0
-
+        took("forgetting")
     start("probes")
-    t0 = time.perf_counter()
-    probes = load_probes(opt.probe_file)
     results["probes"] = run_probes(
         model,
         tokenizer,
         device,
         dtype,
         shards=shards,
-        probes=probes,
+        probes=load_probes(opt.probe_file),
         max_items=opt.probe_items,
         passages=opt.memorization_passages,
     )
-    timings["probes"] = time.perf_counter() - t0
-
+    took("probes")
     start("grammar")
-    t0 = time.perf_counter()
     results["grammar"] = evaluate_grammar(model, tokenizer, device, dtype, opt.grammar_pairs)
-    timings["grammar"] = time.perf_counter() - t0
-
+    took("grammar")
     start("samples")
-    t0 = time.perf_counter()
     prompts = [p for phase in run_cfg.phases for p in phase.prompts] if run_cfg else []
     prompts = prompts or GENERIC_PROMPTS[:2]
     results["samples"] = sample_texts(  # config prompts are trusted: chat tokens allowed
         model, tokenizer, prompts, opt.sample_tokens, device, seed=opt.seed, allow_special=True
     )
-    timings["samples"] = time.perf_counter() - t0
-
+    took("samples")
     start("richness")
-    t0 = time.perf_counter()
+    run = (run_dir, run_cfg) if has_run else None
+    results["richness"] = _richness(model, tokenizer, prompts, run, device, opt)
+    took("richness")
+    results["seconds"] = timings
+    return results
+
+
+def _phase_shards(
+    run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer
+) -> dict[str, tuple[Shard, Shard]]:
+    """Every phase's complete (train, val) shards made with ``tokenizer``, by phase name."""
+    shards = {}
+    for phase in cfg.phases:
+        prefixes = [RunLayout(run_dir).shard(phase.name, s) for s in ("train", "val")]
+        if all(is_shard_complete(p, tokenizer.hash) for p in prefixes):
+            train, val = (Shard.open(p, tokenizer.hash) for p in prefixes)
+            shards[phase.name] = (train, val)
+    return shards
+
+
+def _phase_bpb(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    cfg: RunConfig,
+    shards: dict[str, tuple[Shard, Shard]],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    opt: SuiteOptions,
+) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte on each phase's validation windows."""
+    table = token_byte_lengths(tokenizer)
+    per_phase = {}
+    for phase in cfg.phases:
+        if phase.name not in shards:
+            continue
+        seq_len = min(phase.seq_len, model.cfg.max_seq_len)
+        n_batches = opt.eval_batches or phase.eval_batches
+        val = shards[phase.name][1]
+        per_phase[phase.name] = evaluate_bpb(
+            model, val, table, seq_len, phase.micro_batch, n_batches, device, dtype
+        )
+    return per_phase
+
+
+def _richness(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    run: tuple[Path, RunConfig] | None,
+    device: torch.device,
+    opt: SuiteOptions,
+) -> dict[str, Any]:
+    """Vocabulary richness of generated samples, next to real validation text of similar size
+    (with the run's training text as the rare-word reference, when there is a run)."""
     pool = prompts + GENERIC_PROMPTS
     rich_prompts = [pool[i % len(pool)] for i in range(opt.richness_samples)]
     generated = sample_texts(
@@ -205,7 +242,8 @@ def run_suite(
     texts = [g["completion"] for g in generated]
     reference = None
     reference_texts: list[str] = []
-    if run_cfg is not None and run_dir is not None:
+    if run is not None:
+        run_dir, run_cfg = run
         train_docs = (
             doc
             for phase in run_cfg.phases
@@ -214,13 +252,10 @@ def run_suite(
         reference = word_counts(train_docs, opt.reference_chars) or None
         n_words = sum(len(t.split()) for t in texts)
         reference_texts = _reference_texts(run_dir, run_cfg, n_words)
-    results["richness"] = {
+    return {
         "model": richness(texts, reference),
         **({"reference": richness(reference_texts, reference)} if reference_texts else {}),
     }
-    timings["richness"] = time.perf_counter() - t0
-    results["seconds"] = timings
-    return results
 
 
 def summary(results: dict[str, Any]) -> dict[str, Any]:

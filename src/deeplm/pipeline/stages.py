@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from deeplm.atomic import atomic_replace, remove_stale_temps
 from deeplm.config import PhaseConfig, RunConfig, SourceConfig
@@ -33,6 +33,7 @@ from deeplm.data.shards import (
     Shard,
     ShardCursor,
     ShardError,
+    ShardMeta,
     ShardResumeError,
     ShardStopped,
     is_shard_complete,
@@ -51,7 +52,7 @@ from deeplm.run.layout import SPLITS, RunLayout
 from deeplm.run.state_db import StateDB
 from deeplm.tokenizer import Tokenizer, train_tokenizer
 from deeplm.train import distributed
-from deeplm.train.trainer import PhaseTrainer, TrainHooks
+from deeplm.train.trainer import PhaseOutcome, PhaseTrainer, TrainHooks
 
 
 class StageStopped(Exception):
@@ -153,119 +154,11 @@ def prepare(ctx: RunContext) -> dict[str, Any]:
     if _done_and_intact(ctx, stage, outputs_files):
         return ctx.db.stage(stage).outputs | {"skipped": True}
     row = ctx.db.start_stage(stage)
-    cursor = dict(row.cursor)
-    done_parts: dict[str, Any] = cursor.get("parts", {})
+    done_parts: dict[str, Any] = dict(row.cursor).get("parts", {})
     report: dict[str, Any] = {}
-    base_dir = Path(cfg.base_dir or ".")
     try:
-        for phase in cfg.phases:
-            parts_dir = layout.doc_parts(phase.name)
-            dedup = Deduper()
-            phase_report: dict[str, Any] = {"sources": []}
-            for i, src in enumerate(phase.sources):
-                key = f"{phase.name}/{i}"
-                part = {s: parts_dir / f"{i}.{s}.jsonl" for s in SPLITS}
-                if key in done_parts and all(p.is_file() for p in part.values()):
-                    for s in SPLITS:  # rebuild the dedup memory from what is already written
-                        for text in _iter_jsonl_texts(part[s]):
-                            dedup.seen(text)
-                    phase_report["sources"].append(done_parts[key])
-                    continue
-                if ctx.should_stop():
-                    raise StageStopped(f"prepare stopped before {key}")
-                ctx.log(f"[prepare] {phase.name}: reading {src.kind}:{src.name or src.path}")
-                sstats, cstats = SourceStats(), CleanStats()
-                used: list[str] = []
-                tmp_files = {s: parts_dir / f".{i}.{s}.jsonl.tmp-{os.getpid()}" for s in SPLITS}
-                parts_dir.mkdir(parents=True, exist_ok=True)
-                handles = {
-                    s: open(tmp_files[s], "w", encoding="utf-8") for s in SPLITS
-                }  # noqa: SIM115
-                counts = {s: 0 for s in SPLITS}
-                try:
-                    if src.format == "instruction":
-                        docs = (
-                            d
-                            for d in iter_instructions(src, base_dir, sstats)
-                            if not (cfg.clean.dedup and dedup.seen(d.text))
-                        )
-                    else:
-                        docs = clean_documents(
-                            source_documents(src, base_dir, sstats, ctx.log, used),
-                            cfg.clean,
-                            cstats,
-                            deduper=dedup,
-                        )
-                    for doc in docs:
-                        kind = excluded_kind(doc.text, phase.exclude_kinds)
-                        if kind is not None:
-                            cstats.drop(f"kind:{kind}")
-                            continue
-                        if phase.kind == "finetune" and src.format == "text":
-                            doc = Document(scrub_special(doc.text), doc.source, doc.doc_id)
-                        split = split_for(doc.text, phase.val_fraction, cfg.seed)
-                        handles[split].write(json.dumps({"text": doc.text}, ensure_ascii=False))
-                        handles[split].write("\n")
-                        counts[split] += 1
-                        if (counts["train"] + counts["val"]) % 500 == 0:
-                            ctx.progress(
-                                {
-                                    "stage": stage,
-                                    "phase": phase.name,
-                                    "source": i,
-                                    "docs": counts["train"] + counts["val"],
-                                }
-                            )
-                    for s in SPLITS:
-                        handles[s].flush()
-                        os.fsync(handles[s].fileno())
-                finally:
-                    for h in handles.values():
-                        h.close()
-                for s in SPLITS:
-                    atomic_replace(tmp_files[s], part[s])
-                info = {
-                    "source": f"{src.kind}:{src.name or src.path}",
-                    "read": asdict(sstats),
-                    "fallback_used": used,
-                    "clean": asdict(cstats),
-                    "train_docs": counts["train"],
-                    "val_docs": counts["val"],
-                }
-                if counts["train"] + counts["val"] == 0:
-                    info["warning"] = dropped_warning(info, cfg.clean.min_chars)
-                    ctx.log(f"[prepare] warning: {phase.name}: {info['warning']}")
-                done_parts[key] = info
-                phase_report["sources"].append(info)
-                ctx.db.set_cursor(stage, {"parts": done_parts})
-                ctx.db.log_event(
-                    stage,
-                    "progress",
-                    f"{key} ({info['source']}) prepared",
-                    {"train_docs": counts["train"], "val_docs": counts["val"]},
-                )
-            # Assemble the phase's split files from its parts (atomic, cheap); the training
-            # split ends with the replayed documents of earlier phases (``phase.replay``).
-            for s in SPLITS:
-                parts = [parts_dir / f"{i}.{s}.jsonl" for i in range(len(phase.sources))]
-                out = layout.docs(phase.name, s)
-                replayed = [0]
-                n = _write_jsonl_atomic(
-                    out, _phase_texts(ctx, cfg.phases.index(phase), parts, s, replayed)
-                )
-                n -= replayed[0]
-                if replayed[0]:
-                    phase_report["replay_docs"] = replayed[0]
-                if n == 0:
-                    srcs = ", ".join(f"{x.kind}:{x.name or x.path}" for x in phase.sources)
-                    raise ValueError(
-                        f"phase {phase.name!r}: no {s} documents left after cleaning "
-                        f"(sources: {srcs}); add text or lower clean.min_chars"
-                    )
-                meta = {"phase": phase.name, "split": s, "docs": n + replayed[0]}
-                _record(ctx, out, "docs", stage, meta | {"replay_docs": replayed[0]})
-                phase_report[f"{s}_docs"] = n + replayed[0]
-            report[phase.name] = phase_report
+        for phase_idx in range(len(cfg.phases)):
+            report[cfg.phases[phase_idx].name] = _prepare_phase(ctx, phase_idx, done_parts)
     except StageStopped as exc:
         ctx.db.pause_stage(stage, str(exc))
         raise
@@ -276,6 +169,144 @@ def prepare(ctx: RunContext) -> dict[str, Any]:
     for phase in cfg.phases:  # per-source parts only serve a resume of this stage
         shutil.rmtree(layout.doc_parts(phase.name), ignore_errors=True)
     return {"phases": report}
+
+
+def _prepare_phase(ctx: RunContext, phase_idx: int, done_parts: dict[str, Any]) -> dict[str, Any]:
+    """One phase of ``prepare``: each source not yet done into its parts (the cursor records
+    it), then the phase's split files assembled from them. Returns the phase's report."""
+    phase = ctx.cfg.phases[phase_idx]
+    dedup = Deduper()
+    phase_report: dict[str, Any] = {"sources": []}
+    for i in range(len(phase.sources)):
+        key = f"{phase.name}/{i}"
+        part = {s: ctx.layout.doc_part(phase.name, i, s) for s in SPLITS}
+        if key in done_parts and all(p.is_file() for p in part.values()):
+            for s in SPLITS:  # rebuild the dedup memory from what is already written
+                for text in _iter_jsonl_texts(part[s]):
+                    dedup.seen(text)
+            phase_report["sources"].append(done_parts[key])
+            continue
+        if ctx.should_stop():
+            raise StageStopped(f"prepare stopped before {key}")
+        info = _prepare_source(ctx, phase, i, dedup)
+        done_parts[key] = info
+        phase_report["sources"].append(info)
+        ctx.db.set_cursor("prepare", {"parts": done_parts})
+        ctx.db.log_event(
+            "prepare",
+            "progress",
+            f"{key} ({info['source']}) prepared",
+            {"train_docs": info["train_docs"], "val_docs": info["val_docs"]},
+        )
+    _assemble_phase(ctx, phase_idx, phase_report)
+    return phase_report
+
+
+def _source_docs(
+    ctx: RunContext,
+    phase: PhaseConfig,
+    src: SourceConfig,
+    dedup: Deduper,
+    stats: tuple[SourceStats, CleanStats],
+    used: list[str],
+) -> Iterator[Document]:
+    """A source's documents as the phase keeps them: read, cleaned (or instruction pairs),
+    deduplicated, without excluded text kinds, special tokens scrubbed from fine-tuning text."""
+    sstats, cstats = stats
+    base_dir = Path(ctx.cfg.base_dir or ".")
+    if src.format == "instruction":
+        docs: Iterator[Document] = (
+            d
+            for d in iter_instructions(src, base_dir, sstats)
+            if not (ctx.cfg.clean.dedup and dedup.seen(d.text))
+        )
+    else:
+        docs = clean_documents(
+            source_documents(src, base_dir, sstats, ctx.log, used),
+            ctx.cfg.clean,
+            cstats,
+            deduper=dedup,
+        )
+    for doc in docs:
+        kind = excluded_kind(doc.text, phase.exclude_kinds)
+        if kind is not None:
+            cstats.drop(f"kind:{kind}")
+            continue
+        if phase.kind == "finetune" and src.format == "text":
+            doc = Document(scrub_special(doc.text), doc.source, doc.doc_id)
+        yield doc
+
+
+def _prepare_source(ctx: RunContext, phase: PhaseConfig, i: int, dedup: Deduper) -> dict[str, Any]:
+    """Source ``i`` of ``phase`` into its train/val parts (temporary files renamed into place
+    once complete). Returns what was read, cleaned and kept."""
+    src = phase.sources[i]
+    ctx.log(f"[prepare] {phase.name}: reading {src.kind}:{src.name or src.path}")
+    sstats, cstats = SourceStats(), CleanStats()
+    used: list[str] = []
+    part = {s: ctx.layout.doc_part(phase.name, i, s) for s in SPLITS}
+    tmp_files = {s: p.with_name(f".{p.name}.tmp-{os.getpid()}") for s, p in part.items()}
+    ctx.layout.doc_parts(phase.name).mkdir(parents=True, exist_ok=True)
+    handles = {s: open(tmp_files[s], "w", encoding="utf-8") for s in SPLITS}  # noqa: SIM115
+    counts = {s: 0 for s in SPLITS}
+    try:
+        for doc in _source_docs(ctx, phase, src, dedup, (sstats, cstats), used):
+            split = split_for(doc.text, phase.val_fraction, ctx.cfg.seed)
+            handles[split].write(json.dumps({"text": doc.text}, ensure_ascii=False))
+            handles[split].write("\n")
+            counts[split] += 1
+            if (counts["train"] + counts["val"]) % 500 == 0:
+                ctx.progress(
+                    {
+                        "stage": "prepare",
+                        "phase": phase.name,
+                        "source": i,
+                        "docs": counts["train"] + counts["val"],
+                    }
+                )
+        for s in SPLITS:
+            handles[s].flush()
+            os.fsync(handles[s].fileno())
+    finally:
+        for h in handles.values():
+            h.close()
+    for s in SPLITS:
+        atomic_replace(tmp_files[s], part[s])
+    info = {
+        "source": f"{src.kind}:{src.name or src.path}",
+        "read": asdict(sstats),
+        "fallback_used": used,
+        "clean": asdict(cstats),
+        "train_docs": counts["train"],
+        "val_docs": counts["val"],
+    }
+    if counts["train"] + counts["val"] == 0:
+        info["warning"] = dropped_warning(info, ctx.cfg.clean.min_chars)
+        ctx.log(f"[prepare] warning: {phase.name}: {info['warning']}")
+    return info
+
+
+def _assemble_phase(ctx: RunContext, phase_idx: int, phase_report: dict[str, Any]) -> None:
+    """The phase's split files from its parts (atomic, cheap); the training split ends with the
+    replayed documents of earlier phases (``phase.replay``). Recorded as ``docs`` artifacts."""
+    phase = ctx.cfg.phases[phase_idx]
+    for s in SPLITS:
+        parts = [ctx.layout.doc_part(phase.name, i, s) for i in range(len(phase.sources))]
+        out = ctx.layout.docs(phase.name, s)
+        replayed = [0]
+        n = _write_jsonl_atomic(out, _phase_texts(ctx, phase_idx, parts, s, replayed))
+        n -= replayed[0]
+        if replayed[0]:
+            phase_report["replay_docs"] = replayed[0]
+        if n == 0:
+            srcs = ", ".join(f"{x.kind}:{x.name or x.path}" for x in phase.sources)
+            raise ValueError(
+                f"phase {phase.name!r}: no {s} documents left after cleaning "
+                f"(sources: {srcs}); add text or lower clean.min_chars"
+            )
+        meta = {"phase": phase.name, "split": s, "docs": n + replayed[0]}
+        _record(ctx, out, "docs", "prepare", meta | {"replay_docs": replayed[0]})
+        phase_report[f"{s}_docs"] = n + replayed[0]
 
 
 def dropped_warning(info: dict[str, Any], min_chars: int) -> str:
@@ -412,49 +443,10 @@ def tokenize(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
             if is_shard_complete(prefix, tok.hash):
                 meta = Shard.open(prefix, tok.hash).meta
             else:
-                c = cursors.get(split)
-                start = ShardCursor(c["last_doc_index"], c["n_tokens"]) if c else None
-                if start is not None:
-                    ctx.log(
-                        f"[tokenize] {phase.name}/{split}: resuming at document "
-                        f"{start.doc_index}"
-                    )
-
-                def commit(cur: ShardCursor, split: str = split) -> None:
-                    cursors[split] = {"last_doc_index": cur.doc_index, "n_tokens": cur.n_tokens}
-                    ctx.db.set_cursor(stage, cursors)
-                    ctx.progress({"stage": stage, "split": split, **cursors[split]})
-
-                docs = layout.docs(phase.name, split)
-                try:
-                    meta = tokenize_to_shard(
-                        docs,
-                        tok,
-                        prefix,
-                        cursor=start,
-                        on_progress=commit,
-                        should_stop=ctx.should_stop,
-                        allow_special=phase.kind == "finetune",
-                    )
-                except ShardResumeError as exc:
-                    ctx.db.log_event(
-                        stage,
-                        "restart",
-                        f"{split}: cannot resume ({exc}); tokenizing from the first document",
-                    )
-                    meta = tokenize_to_shard(
-                        docs,
-                        tok,
-                        prefix,
-                        cursor=None,
-                        on_progress=commit,
-                        should_stop=ctx.should_stop,
-                        allow_special=phase.kind == "finetune",
-                    )
-            bin_path = Path(f"{prefix}.bin")
+                meta = _tokenize_split(ctx, phase_idx, split, tok, cursors)
             _record(
                 ctx,
-                bin_path,
+                Path(f"{prefix}.bin"),
                 "shard",
                 stage,
                 {
@@ -474,6 +466,43 @@ def tokenize(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
         raise
     ctx.db.finish_stage(stage, outputs)
     return outputs
+
+
+def _tokenize_split(
+    ctx: RunContext, phase_idx: int, split: str, tok: Tokenizer, cursors: dict[str, Any]
+) -> ShardMeta:
+    """One split's shard, from the cursor in ``cursors`` (updated and saved as batches are
+    committed); a cursor that cannot be resumed restarts from the first document."""
+    phase = ctx.cfg.phases[phase_idx]
+    stage = f"tokenize:{phase.name}"
+    c = cursors.get(split)
+    start = ShardCursor(c["last_doc_index"], c["n_tokens"]) if c else None
+    if start is not None:
+        ctx.log(f"[tokenize] {phase.name}/{split}: resuming at document {start.doc_index}")
+
+    def commit(cur: ShardCursor) -> None:
+        cursors[split] = {"last_doc_index": cur.doc_index, "n_tokens": cur.n_tokens}
+        ctx.db.set_cursor(stage, cursors)
+        ctx.progress({"stage": stage, "split": split, **cursors[split]})
+
+    def run(cursor: ShardCursor | None) -> ShardMeta:
+        return tokenize_to_shard(
+            ctx.layout.docs(phase.name, split),
+            tok,
+            ctx.layout.shard(phase.name, split),
+            cursor=cursor,
+            on_progress=commit,
+            should_stop=ctx.should_stop,
+            allow_special=phase.kind == "finetune",
+        )
+
+    try:
+        return run(start)
+    except ShardResumeError as exc:
+        ctx.db.log_event(
+            stage, "restart", f"{split}: cannot resume ({exc}); tokenizing from the first document"
+        )
+        return run(None)
 
 
 # ---------------------------------------------------------------------------- train
@@ -558,10 +587,41 @@ def train_phase(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
                 f"{cfg.phases[phase_idx - 1].name!r}, which does not exist yet"
             )
     check_shard_windows(ctx, tok)
-    train_shard = open_verified_shard(ctx, phase_idx, "train", tok)
-    val_shard = open_verified_shard(ctx, phase_idx, "val", tok)
+    shards = tuple(open_verified_shard(ctx, phase_idx, s, tok) for s in SPLITS)
     ctx.db.start_stage(stage)
     ctx.db.upsert_phase(phase.name, phase_idx, status="running", total_steps=phase.total_steps)
+    try:
+        if distributed.world_size_of(cfg.train) > 1 and not distributed.under_torchrun():
+            # several devices/nodes: torchrun runs the ranks; this process stays the only
+            # StateDB writer (rank 0 reports progress through the job's output)
+            hooks = _train_hooks(ctx, phase_idx)
+            outcome = distributed.launch_phase(ctx.run_dir, cfg, phase_idx, hooks)
+        else:
+            train_shard, val_shard = shards
+            trainer = PhaseTrainer(
+                cfg,
+                phase_idx,
+                ctx.run_dir,
+                tok,
+                train_shard,
+                val_shard,
+                init_from=init_from,
+                hooks=_train_hooks(ctx, phase_idx),
+            )
+            outcome = trainer.run()
+    except Exception as exc:
+        ctx.db.fail_stage(stage, f"{type(exc).__name__}: {exc}")
+        ctx.db.upsert_phase(phase.name, phase_idx, status="failed")
+        raise
+    if outcome.status == "stopped":
+        _record_stopped(ctx, phase_idx, outcome)
+    return _record_done(ctx, phase_idx, outcome, tok)
+
+
+def _train_hooks(ctx: RunContext, phase_idx: int) -> TrainHooks:
+    """How a training phase reports to the StateDB: cursor, phase row, events, progress."""
+    phase = ctx.cfg.phases[phase_idx]
+    stage = f"train:{phase.name}"
 
     def on_progress(info: dict[str, Any]) -> None:
         cursor = {"last_step_count": info["step"], "last_checkpoint": info.get("last_checkpoint")}
@@ -574,46 +634,39 @@ def train_phase(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
         ctx.db.upsert_phase(phase.name, phase_idx, **fields)
         ctx.progress({"stage": stage, **info})
 
-    hooks = TrainHooks(
+    return TrainHooks(
         on_progress=on_progress,
         should_stop=ctx.should_stop,
         log=ctx.log,
         on_event=lambda kind, msg, data: ctx.db.log_event(stage, kind, msg, data),
     )
-    try:
-        if distributed.world_size_of(cfg.train) > 1 and not distributed.under_torchrun():
-            # several devices/nodes: torchrun runs the ranks; this process stays the only
-            # StateDB writer (rank 0 reports progress through the job's output)
-            outcome = distributed.launch_phase(ctx.run_dir, cfg, phase_idx, hooks)
-        else:
-            trainer = PhaseTrainer(
-                cfg,
-                phase_idx,
-                ctx.run_dir,
-                tok,
-                train_shard,
-                val_shard,
-                init_from=init_from,
-                hooks=hooks,
-            )
-            outcome = trainer.run()
-    except Exception as exc:
-        ctx.db.fail_stage(stage, f"{type(exc).__name__}: {exc}")
-        ctx.db.upsert_phase(phase.name, phase_idx, status="failed")
-        raise
-    if outcome.status == "stopped":
-        ctx.db.upsert_phase(
-            phase.name,
-            phase_idx,
-            status="paused",
-            step=outcome.step,
-            last_checkpoint=outcome.last_checkpoint,
-        )
-        ctx.db.set_cursor(
-            stage, {"last_step_count": outcome.step, "last_checkpoint": outcome.last_checkpoint}
-        )
-        ctx.db.pause_stage(stage, f"stopped at step {outcome.step}")
-        raise StageStopped(f"{stage} stopped at step {outcome.step}")
+
+
+def _record_stopped(ctx: RunContext, phase_idx: int, outcome: PhaseOutcome) -> NoReturn:
+    """A phase stopped on request: record where (its checkpoint) and raise StageStopped."""
+    phase = ctx.cfg.phases[phase_idx]
+    stage = f"train:{phase.name}"
+    ctx.db.upsert_phase(
+        phase.name,
+        phase_idx,
+        status="paused",
+        step=outcome.step,
+        last_checkpoint=outcome.last_checkpoint,
+    )
+    ctx.db.set_cursor(
+        stage, {"last_step_count": outcome.step, "last_checkpoint": outcome.last_checkpoint}
+    )
+    ctx.db.pause_stage(stage, f"stopped at step {outcome.step}")
+    raise StageStopped(f"{stage} stopped at step {outcome.step}")
+
+
+def _record_done(
+    ctx: RunContext, phase_idx: int, outcome: PhaseOutcome, tok: Tokenizer
+) -> dict[str, Any]:
+    """A finished phase: its final checkpoint recorded as an artifact, the phase row and the
+    stage done. Returns the stage's outputs."""
+    phase = ctx.cfg.phases[phase_idx]
+    stage = f"train:{phase.name}"
     outputs = {
         "final_checkpoint": outcome.final_checkpoint,
         "steps": outcome.step,

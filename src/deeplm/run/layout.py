@@ -87,6 +87,10 @@ class RunLayout:
         """The folder of a phase's per-source parts while ``prepare`` runs."""
         return self.data_dir / phase / "parts"
 
+    def doc_part(self, phase: str, source_idx: int, split: str) -> Path:
+        """Source ``source_idx``'s cleaned documents of one split while ``prepare`` runs."""
+        return self.doc_parts(phase) / f"{source_idx}.{split}.jsonl"
+
     @property
     def tokenizer_dir(self) -> Path:
         return self.root / "tokenizer"
