@@ -72,7 +72,6 @@ from deeplm.model import Transformer
 from deeplm.run import checkpoint as ckpt
 from deeplm.run.layout import RunLayout
 from deeplm.tokenizer import Tokenizer
-from deeplm.train.compile import StepPlan
 from deeplm.train.hooks import TrainHooks
 from deeplm.train.parallel import LossFn, Parallel
 from deeplm.train.trainer import PhaseOutcome, PhaseTrainer
@@ -321,6 +320,8 @@ class DataParallel(Parallel):
     synchronised on a step's last micro-batch, losses averaged and evaluations broadcast, rank 0
     alone reporting, sampling and writing checkpoints in the single-process format."""
 
+    distributed = True
+
     def __init__(self, env: DistEnv, mode: str):
         self.env = env
         self.mode = mode
@@ -338,10 +339,6 @@ class DataParallel(Parallel):
         return self.mode == "fsdp2" and self.world_size > 1
 
     # -------------------------------------------------------------- the phase and its data
-
-    def adapt_plan(self, plan: StepPlan) -> StepPlan:
-        """DDP/FSDP2 wrap the model itself: blocks are compiled in place, under the wrapper."""
-        return dataclasses.replace(plan, scope="block")
 
     def rank_phase(self, phase: PhaseConfig) -> PhaseConfig:
         if self.mode == "fsdp2" and phase.lora_rank > 0:

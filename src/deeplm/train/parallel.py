@@ -5,8 +5,9 @@ one-process answer (nothing to wrap, nothing to communicate).
 :class:`deeplm.train.distributed.DataParallel` answers for a torchrun job (DDP or FSDP2). The
 questions, grouped:
 
-- parallelize: :meth:`Parallel.adapt_plan` (the compile scope a wrapper allows),
-  :meth:`Parallel.rank_phase` (the phase as one rank runs it),
+- parallelize: :attr:`Parallel.distributed` (DDP/FSDP2 wrap the model: the step plan compiles
+  blocks in place, :func:`~deeplm.train.compile.fit_plan`), :meth:`Parallel.rank_phase` (the
+  phase as one rank runs it),
   :meth:`Parallel.prepare` (shard the model before the optimizer is built),
   :meth:`Parallel.micro_batch` (the loss callable of one micro-batch, with the gradient
   synchronisation that micro-batch needs), :meth:`Parallel.loader_args` (which slice of the data
@@ -29,7 +30,6 @@ import torch
 from torch import nn
 
 from deeplm.config import PhaseConfig
-from deeplm.train.compile import StepPlan
 from deeplm.train.hooks import TrainHooks
 
 LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -41,10 +41,7 @@ class Parallel:
     is_main = True
     rank = 0
     world_size = 1
-
-    def adapt_plan(self, plan: StepPlan) -> StepPlan:
-        """The device's step plan (compile scope, loss head) as this job can run it."""
-        return plan
+    distributed = False  # one rank of a torchrun job (the model is wrapped or sharded)
 
     def rank_phase(self, phase: PhaseConfig) -> PhaseConfig:
         """The phase as this rank runs it (its share of the step's micro-batches)."""

@@ -53,7 +53,7 @@ from deeplm.run.layout import RunLayout
 from deeplm.tokenizer import Tokenizer
 from deeplm.train.adapters import attach_adapters, merge_adapters
 from deeplm.train.checkpointer import Checkpointer
-from deeplm.train.compile import compile_for_training, regroup, step_plan
+from deeplm.train.compile import compile_for_training, fit_plan, regroup, step_plan
 from deeplm.train.curriculum import CurriculumPlan
 from deeplm.train.evaluator import Evaluator
 from deeplm.train.guard import DivergenceGuard, TrainingDiverged
@@ -136,8 +136,9 @@ class PhaseTrainer:
         self.parallel = parallel or Parallel()
         self.cfg = cfg
         # how steps run on this device (compile, loss head, micro-batch size): deeplm.train.compile
-        self.plan = self.parallel.adapt_plan(step_plan(cfg.train, select_device(cfg.train.device)))
-        phase = regroup(cfg.phases[phase_idx], self.plan.micro_batch_tokens)
+        plan = step_plan(cfg.train, select_device(cfg.train.device))
+        phase = regroup(cfg.phases[phase_idx], plan.micro_batch_tokens)
+        self.plan = fit_plan(plan, phase, distributed=self.parallel.distributed)
         self.phase = self.parallel.rank_phase(phase)
         self.phase_idx = phase_idx
         self.run_dir = run_dir
