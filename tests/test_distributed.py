@@ -28,7 +28,7 @@ from deeplm.run import checkpoint as ckpt
 from deeplm.run.layout import RunLayout
 from deeplm.run.run_config import load_run_config
 from deeplm.tokenizer import Tokenizer
-from deeplm.train import distributed
+from deeplm.train import distributed, distributed_main
 from deeplm.train.trainer import PhaseTrainer, TrainHooks
 from tests.helpers import micro_config
 
@@ -330,3 +330,24 @@ def test_train_settings_are_validated_and_split_the_step():
     assert distributed.split_batch(phase, 4) == (6, 4)  # split micro_batch
     with pytest.raises(distributed.DistributedConfigError):
         distributed.split_batch(phase, 5)
+
+
+def test_a_later_phase_writes_its_result_into_its_own_dist_folder(one_proc, tmp_path):
+    """The rank entry point for phase 1 (not under torchrun: one process) starts from phase 0's
+    final checkpoint and writes result.json into ``dist/2-p2``, next to where the launcher
+    looks for it and its STOP file (not into phase 0's checkpoint folder)."""
+    run = _copy(one_proc, tmp_path / "run")
+    layout = RunLayout(run)
+    shutil.copytree(layout.shards_dir("p1"), layout.shards_dir("p2"))
+    d = json.loads(config_to_json(_config()))
+    d["phases"].append(dict(d["phases"][0], name="p2", tokens=2 * 4 * 64))
+    path = run / "two-phases.json"
+    path.write_text(json.dumps(d))
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert distributed_main.main([str(run), "1", "--config", str(path)]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    result = json.loads((layout.dist_dir(1, "p2") / distributed.RESULT_FILE).read_text())
+    assert result["status"] == "done" and result["final_checkpoint"]
+    assert not (layout.phase_checkpoints(0, "p1") / distributed.RESULT_FILE).exists()
