@@ -5,6 +5,7 @@
 #
 #   OUT=/tmp/speed bash bench/h200_speed.sh explore     # the grid of levers
 #   OUT=/tmp/speed bash bench/h200_speed.sh final       # the default path vs the references
+#   OUT=/tmp/speed bash bench/h200_speed.sh trainer     # `deeplm run`'s trainer on the anchor
 #
 # Compilation dominates a cold configuration (~1 min each for the whole 60-layer model), so a
 # warm-up pass first runs every configuration for one step, three at a time, to fill the
@@ -32,8 +33,10 @@ if [ "$GRID" = explore ]; then
   )
 else
   CONFIGS=(
-    "final-b128|--batch 128 --nanogpt --compile-scope block model --head chunked --optimizer muon --gemm-peak"
-    "final-b64|--batch 64 --nanogpt ${FINAL_ARGS:---compile-scope model --head logits --optimizer muon adamw}"
+    "table-b128|--batch 128 --nanogpt --compile-scope block model --head chunked --optimizer adamw"
+    "default-b128|--batch 128 --compile-scope model --compile-mode auto --head auto --optimizer muon"
+    "default-b64|--batch 64 --compile-scope model --compile-mode auto --head auto --optimizer muon"
+    "flash-b64|--batch 64 --sdpa flash --compile-scope model --compile-mode auto --head auto --optimizer muon"
   )
 fi
 
@@ -44,6 +47,15 @@ run() {  # name, args, steps, extra
 }
 export -f run
 export PY COMMON
+
+if [ "$GRID" = trainer ]; then  # the trainer itself (compare.py = PhaseTrainer) on the anchor
+  export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
+  # shellcheck disable=SC2086
+  $PY bench/recipe_grid.py --anchor .anchor --data /tmp/anchor-run --grid none \
+    --micro-batch 8 --tokens "${TOKENS:-6000000}" --parallel "${TRAINER_PAR:-1}" \
+    --deadline-s "${DEADLINE:-200}" --out "$OUT/trainer" ${TRAINER_CANDIDATES:---candidate default=60m}
+  exit $?
+fi
 
 if [ "${WARM:-1}" = 1 ]; then
   echo "== warm-up pass ($PAR at a time) $(date +%T)"

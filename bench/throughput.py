@@ -49,7 +49,7 @@ from deeplm.device import (
     synchronize,
 )
 from deeplm.model import Transformer, count_parameters, describe, flops_per_token
-from deeplm.train.compile import StepPlan, compile_for_training, step_plan
+from deeplm.train.compile import compile_for_training, fit_plan, step_plan
 from deeplm.train.optim import build_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -124,10 +124,16 @@ def bench_one(
     model = Transformer(cfg.model).to(device)
     model.set_grad_checkpointing(grad_ckpt)
     model.set_frozen_layers(frozen)
-    plan = StepPlan(
-        compile_, compile_scope, compile_mode, "logits" if head == "logits" else "chunked", 0
+    phase = dataclasses.replace(cfg.phases[0], optimizer=optimizer, grad_accum=1)
+    train = dataclasses.replace(
+        cfg.train,
+        compile="on" if compile_ else "off",
+        compile_scope=compile_scope,
+        compile_mode=compile_mode,
+        loss_head="chunked" if head == "liger" else head,
+        micro_batch_tokens=0,
     )
-    phase = dataclasses.replace(cfg.phases[0], optimizer=optimizer)
+    plan = fit_plan(step_plan(train, device), phase, distributed=ddp)  # as the trainer decides
     # the optimizer training builds (deeplm.train.optim), with the preset's first-phase settings
     opt = build_optimizer(model, phase, device, plan.compile)
     dtype = torch.bfloat16 if precision == "bf16" else None
@@ -186,11 +192,11 @@ def bench_one(
     result = {
         "precision": precision,
         "compile": compile_,
-        "compile_scope": compile_scope if compile_ else None,
-        "compile_mode": compile_mode if compile_ else None,
+        "compile_scope": plan.scope if plan.compile else None,
+        "compile_mode": plan.mode if plan.compile else None,
         "frozen": frozen,
         "grad_checkpointing": grad_ckpt,
-        "head": head,
+        "head": "liger" if head == "liger" else plan.loss_head,
         "data": data,
         "batch": batch,
         "seq_len": seq_len,
@@ -214,7 +220,9 @@ def bench_one(
 
 def _kernel_kind(name: str) -> str:
     n = name.lower()
-    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "efficient_attention")):
+    if n.startswith("triton"):
+        return "triton (fused elementwise/norm/reduction)"
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "cudnn::fusion")):
         return "attention"
     if any(k in n for k in ("gemm", "cutlass", "nvjet", "sm90_", "cublas", "xmma", "matmul")):
         return "gemm"
@@ -222,8 +230,6 @@ def _kernel_kind(name: str) -> str:
         return "optimizer (foreach/fused)"
     if "memcpy" in n or "memset" in n or "copy" in n:
         return "copy/memset"
-    if n.startswith("triton"):
-        return "triton (fused elementwise/norm/reduction)"
     return "other (eager elementwise/reduction)"
 
 
@@ -237,14 +243,15 @@ def profile_steps(step, device, step_s: float, n: int = 3) -> dict:
         for _ in range(n):
             step()
         synchronize(device)
-    rows = []
+    rows: list[tuple[str, float, float]] = []
+    annotated: dict[str, float] = {}  # ranges such as Optimizer.step#...: their kernels' span
     for e in prof.key_averages():
         dev_us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-        if (
-            dev_us > 0
-            and getattr(e, "device_type", None) is not None
-            and "CUDA" in str(e.device_type)
-        ):
+        if dev_us <= 0 or "CUDA" not in str(getattr(e, "device_type", "")):
+            continue
+        if e.key.startswith(("Optimizer.", "ProfilerStep")) or "#" in e.key:
+            annotated[e.key] = dev_us / n / 1000
+        else:
             rows.append((e.key, e.count / n, dev_us / n / 1000))
     rows.sort(key=lambda r: -r[2])
     kinds: dict[str, float] = {}
@@ -256,6 +263,7 @@ def profile_steps(step, device, step_s: float, n: int = 3) -> dict:
         "kernel_ms_per_step": busy,
         "gpu_busy_fraction": busy / (1000 * step_s) if step_s else None,
         "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "annotated_span_ms": annotated,
         "top_kernels": [
             {"name": name[:160], "calls_per_step": calls, "ms_per_step": ms}
             for name, calls, ms in rows[:30]
@@ -332,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time the plain nanoGPT-style reference (bench/nanogpt.py; CUDA)",
     )
+    ap.add_argument(
+        "--sdpa",
+        default="auto",
+        choices=["auto", "flash", "cudnn", "efficient"],
+        help="the scaled_dot_product_attention backend (auto: torch's choice; cuDNN on Hopper)",
+    )
     ap.add_argument("--skip-grid", action="store_true", help="only the references (--nanogpt)")
     ap.add_argument(
         "--profile",
@@ -373,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "--head",
         nargs="+",
         default=["chunked"],
-        choices=["chunked", "logits", "liger"],
+        choices=["auto", "chunked", "logits", "liger"],
         help="training loss head: chunked (no full logits), logits (full logits, fused under "
         "compile), liger (Liger Kernel's fused linear cross-entropy; CUDA, liger-kernel)",
     )
@@ -405,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.one and args.world_size > 1:  # a rank of the data-parallel run
         return _rank_main(cfg, args)
     device = select_device(args.device)
+    if args.sdpa != "auto":  # only this backend (set before anything compiles)
+        for name in ("flash", "cudnn", "mem_efficient", "math"):
+            on = name == args.sdpa or (args.sdpa == "efficient" and name == "mem_efficient")
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(on)
     if args.one:  # child process: one configuration, result as JSON on the last line
         spec = json.loads(args.one)
         if spec.pop("nanogpt", False):
@@ -428,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": _cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "sdpa": args.sdpa,
         "command": "python bench/throughput.py " + " ".join(argv or sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -596,7 +615,7 @@ def _print_result(label: str, r: dict, measured_peak: dict[str, float]) -> None:
 
 
 def argv_base(args: argparse.Namespace) -> list[str]:
-    base = ["--preset", args.preset, "--device", args.device]
+    base = ["--preset", args.preset, "--device", args.device, "--sdpa", args.sdpa]
     for kv in args.set:
         base += ["--set", kv]
     if args.threads:

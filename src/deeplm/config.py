@@ -28,7 +28,7 @@ OPTIMIZERS = ("adamw", "muon", "adafactor")
 SCHEDULES = ("cosine", "wsd")
 COMPILE_CHOICES = ("auto", "on", "off")
 COMPILE_SCOPES = ("auto", "block", "model")
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+COMPILE_MODES = ("auto", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 LOSS_HEADS = ("auto", "chunked", "logits")
 
 
@@ -374,10 +374,11 @@ class TrainConfig:
     # torch.compile: "auto" (on CUDA only), "on", "off" (true/false read as on/off). The scope:
     # "block" (each block in place; seconds to compile), "model" (the whole model; fewer kernels
     # and launches), "auto" (model on CUDA, block elsewhere). The mode is torch.compile's
-    # (default, max-autotune-no-cudagraphs, max-autotune, reduce-overhead = CUDA graphs).
+    # (default, max-autotune-no-cudagraphs, max-autotune, reduce-overhead = CUDA graphs) or
+    # "auto": CUDA graphs on CUDA when a step is one micro-batch, default otherwise.
     compile: str = "auto"
     compile_scope: str = "auto"
-    compile_mode: str = "default"
+    compile_mode: str = "auto"
     # Loss through the output head: "chunked" (no full logits tensor: laptop memory), "logits"
     # (full logits; fuses under compile), "auto" (chunked). docs/performance.md has the figures.
     loss_head: str = "auto"

@@ -4,8 +4,10 @@ micro-batches. The trainer and ``bench/throughput.py`` both build their step fro
 benchmark times the path ``deeplm run`` takes.
 
 Defaults (``train.compile = "auto"`` etc.) are the fastest measured per device (bench/NOTES.md,
-docs/performance.md): on CUDA the whole model is compiled and micro-batches grow to
-``train.micro_batch_tokens``; on CPU and MPS training runs eager with the phase's micro-batch.
+docs/performance.md): on CUDA the whole model is compiled, with CUDA graphs when a step is one
+micro-batch, the loss goes through full logits (fused by the compiler), and micro-batches grow
+to ``train.micro_batch_tokens``; on CPU and MPS training runs eager with the phase's
+micro-batch and the chunked head.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from deeplm.config import COMPILE_MODES, PhaseConfig, TrainConfig
 from deeplm.device import compile_supported
@@ -46,15 +49,46 @@ def step_plan(train: TrainConfig, device: torch.device) -> StepPlan:
     enabled = enabled and compile_supported(device)
     scope = train.compile_scope if train.compile_scope != "auto" else ("model" if cuda else "block")
     mode = train.compile_mode
+    if mode == "auto":
+        mode = "reduce-overhead" if cuda and scope == "model" else "default"
     if mode == "reduce-overhead" and not cuda:
         mode = "default"  # CUDA graphs exist only on CUDA
     head = train.loss_head
-    if head == "auto":
-        head = "chunked"
+    if head == "auto":  # full logits fuse into the compiled graph; eager, they cost memory
+        head = "logits" if cuda and enabled and scope == "model" else "chunked"
     tokens = train.micro_batch_tokens
     if tokens == 0 and cuda:
         tokens = CUDA_MICRO_BATCH_TOKENS
     return StepPlan(enabled, scope, mode, head, tokens)
+
+
+def fit_plan(plan: StepPlan, phase: PhaseConfig, distributed: bool = False) -> StepPlan:
+    """``plan`` for one phase: CUDA graphs (``reduce-overhead``) only when an optimizer step is
+    one micro-batch of the whole model on one process (the graph's outputs, the gradients
+    among them, are reused at the next replay, so they must be consumed before it); under
+    DDP/FSDP2 the blocks are compiled in place, inside the wrapper."""
+    if distributed:
+        plan = dataclasses.replace(plan, scope="block")
+    graphs = plan.mode in ("reduce-overhead", "max-autotune")
+    if graphs and (phase.grad_accum > 1 or plan.scope != "model" or distributed):
+        fallback = "max-autotune-no-cudagraphs" if plan.mode == "max-autotune" else "default"
+        plan = dataclasses.replace(plan, mode=fallback)
+    return plan
+
+
+class _StepBoundary(nn.Module):
+    """A CUDA-graphed model whose every call starts a new training iteration (the previous
+    step's graph outputs, gradients included, have been consumed by then)."""
+
+    def __init__(self, compiled: nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        torch.compiler.cudagraph_mark_step_begin()
+        out = self.compiled(*args, **kwargs)
+        # outputs live in the graph's memory pool until the next replay: callers keep copies
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
 
 
 def compile_for_training(model: nn.Module, plan: StepPlan) -> nn.Module:
@@ -72,7 +106,12 @@ def compile_for_training(model: nn.Module, plan: StepPlan) -> nn.Module:
         torch._dynamo.config.cache_size_limit = 64
     mode = None if plan.mode == "default" else plan.mode
     if plan.scope == "model":
-        return torch.compile(model, dynamic=False, mode=mode)
+        compiled = torch.compile(model, dynamic=False, mode=mode)
+        return (
+            _StepBoundary(compiled)
+            if plan.mode in ("reduce-overhead", "max-autotune")
+            else compiled
+        )
     for block in model.blocks:  # type: ignore[attr-defined]
         if not _is_compiled(block):
             block.compile(dynamic=False, mode=mode)
@@ -113,6 +152,7 @@ __all__ = [
     "CUDA_MICRO_BATCH_TOKENS",
     "StepPlan",
     "compile_for_training",
+    "fit_plan",
     "regroup",
     "step_plan",
 ]

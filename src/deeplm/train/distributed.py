@@ -325,8 +325,6 @@ class DistributedPhaseTrainer(PhaseTrainer):
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
         super().__init__(cfg, phase_idx, *args, **kwargs)
         self.parallel = cfg.train.parallel
-        # DDP/FSDP2 wrap the model itself: blocks are compiled in place, under the wrapper
-        self.plan = dataclasses.replace(self.plan, scope="block")
         if self.parallel == "fsdp2" and self.phase.lora_rank > 0:
             raise DistributedConfigError(
                 f"phase {self.phase.name!r}: LoRA is not supported with train.parallel = 'fsdp2'"
@@ -391,6 +389,9 @@ class DistributedPhaseTrainer(PhaseTrainer):
 
     def _optimizer_state(self, saved: dict[str, Any]) -> dict[str, Any]:
         return self._fqn_optimizer_state(saved) if self._fsdp() else saved
+
+    def _distributed(self) -> bool:
+        return True
 
     def _compiled(self) -> nn.Module:
         super()._compiled()

@@ -52,7 +52,7 @@ from deeplm.model.lora import apply_lora, merge_lora
 from deeplm.run import checkpoint as ckpt
 from deeplm.run.layout import RunLayout
 from deeplm.tokenizer import Tokenizer
-from deeplm.train.compile import compile_for_training, regroup, step_plan
+from deeplm.train.compile import compile_for_training, fit_plan, regroup, step_plan
 from deeplm.train.metrics import MetricsLogger
 from deeplm.train.optim import build_optimizer, set_lr
 from deeplm.train.schedule import lr_at
@@ -180,6 +180,7 @@ class PhaseTrainer:
         # how steps run on this device (compile, loss head, micro-batch size): deeplm.train.compile
         self.plan = step_plan(cfg.train, select_device(cfg.train.device))
         self.phase = regroup(self.phase, self.plan.micro_batch_tokens)
+        self.plan = fit_plan(self.plan, self.phase, distributed=self._distributed())
         self._train_module: torch.nn.Module | None = None
         self._compiled_for: torch.nn.Module | None = None
         self.dir = RunLayout(run_dir).phase_checkpoints(phase_idx, self.phase.name)
@@ -353,6 +354,10 @@ class PhaseTrainer:
             return 0, 0
         state = ckpt.load_trainer_state(existing.path)
         return self._restore(dict(state, optimizer=self._optimizer_state(state["optimizer"])))
+
+    def _distributed(self) -> bool:
+        """Whether this trainer runs one rank of a torchrun job (DDP/FSDP2 wrap the model)."""
+        return False
 
     def _prepare_model(self) -> None:
         """Hook between loading the weights and building the optimizer (e.g. FSDP sharding)."""
