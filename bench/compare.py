@@ -48,7 +48,8 @@ from deeplm.data.shards import Shard
 from deeplm.device import autocast_dtype, select_device
 from deeplm.eval.grammar import evaluate_grammar
 from deeplm.eval.perplexity import evaluate_loss
-from deeplm.model import build_model, count_parameters, describe
+from deeplm.export.loading import load_checkpoint
+from deeplm.model import count_parameters, describe
 from deeplm.run import checkpoint as ckpt
 from deeplm.run.layout import RunLayout
 from deeplm.run.run_config import load_run_config
@@ -195,9 +196,7 @@ def train_and_score(name: str, cfg, data_run: Path, out: Path, args) -> dict:
         raise SystemExit(f"[{name}] no final checkpoint after training ({outcome.status})")
     device = select_device(cfg.train.device)
     dtype = autocast_dtype(device, cfg.train.precision)
-    model = build_model(cfg, cfg.seed).to(device)
-    ckpt.load_weights(final.path, model)
-    model.eval()
+    model = load_checkpoint(cfg, final.path, device)
     with torch.no_grad():
         val_loss = evaluate_loss(
             model, val, args.eval_seq_len, args.eval_batch, args.eval_batches, device, dtype
