@@ -88,6 +88,8 @@ def _is_oom(exc: BaseException) -> bool:
 
 @dataclass
 class PhaseOutcome:
+    """What training one phase ended with (rank 0's is handed to the orchestrator as JSON)."""
+
     status: str  # "done" or "stopped"
     step: int
     total_steps: int
