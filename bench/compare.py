@@ -45,15 +45,16 @@ from deeplm.config import (
     resolve_extends,
 )
 from deeplm.data.shards import Shard
+from deeplm.device import autocast_dtype, select_device
 from deeplm.eval.grammar import evaluate_grammar
 from deeplm.eval.perplexity import evaluate_loss
+from deeplm.export.loading import load_checkpoint
 from deeplm.model import count_parameters, describe
+from deeplm.run import checkpoint as ckpt
+from deeplm.run.layout import RunLayout
+from deeplm.run.run_config import load_run_config
 from deeplm.tokenizer import Tokenizer
-from deeplm.train import checkpoint as ckpt
-from deeplm.train.device import autocast_dtype, select_device
-from deeplm.train.trainer import PhaseTrainer, TrainHooks, build_model, phase_dir
-from deeplm.workflows.activities import shard_prefix, tokenizer_path
-from deeplm.workflows.local import load_run_config
+from deeplm.train.trainer import PhaseTrainer, TrainHooks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -112,13 +113,13 @@ def candidate_config(
 def copy_data(data_run: Path, run: Path, phase_name: str) -> None:
     """The candidate folder gets the data run's tokenizer and this phase's shards (copied: a
     few files, and a candidate must not depend on another folder staying put)."""
-    tok = tokenizer_path(run)
+    tok = RunLayout(run).tokenizer
     if not tok.is_file():
         tok.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(tokenizer_path(data_run), tok)
+        shutil.copy2(RunLayout(data_run).tokenizer, tok)
     for split in ("train", "val"):
-        src = shard_prefix(data_run, phase_name, split)
-        dst = shard_prefix(run, phase_name, split)
+        src = RunLayout(data_run).shard(phase_name, split)
+        dst = RunLayout(run).shard(phase_name, split)
         dst.parent.mkdir(parents=True, exist_ok=True)
         for f in src.parent.glob(src.name + ".*"):
             target = dst.parent / f.name
@@ -170,9 +171,9 @@ def train_and_score(name: str, cfg, data_run: Path, out: Path, args) -> dict:
     run = out / name
     phase = cfg.phases[0]
     copy_data(data_run, run, phase.name)
-    tok = Tokenizer.load(tokenizer_path(run))
-    train = Shard.open(shard_prefix(run, phase.name, "train"), tok.hash)
-    val = Shard.open(shard_prefix(run, phase.name, "val"), tok.hash)
+    tok = Tokenizer.load(RunLayout(run).tokenizer)
+    train = Shard.open(RunLayout(run).shard(phase.name, "train"), tok.hash)
+    val = Shard.open(RunLayout(run).shard(phase.name, "val"), tok.hash)
     (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
     last_print = [0.0]
 
@@ -190,14 +191,12 @@ def train_and_score(name: str, cfg, data_run: Path, out: Path, args) -> dict:
     trainer = PhaseTrainer(cfg, 0, run, tok, train, val, hooks=TrainHooks(on_progress=progress))
     outcome = trainer.run()
     wall = time.perf_counter() - t0
-    final = ckpt.latest_checkpoint(phase_dir(run, 0, phase))
+    final = ckpt.latest_checkpoint(RunLayout(run).phase_checkpoints(0, phase.name))
     if final is None or not final.meta.get("final"):
         raise SystemExit(f"[{name}] no final checkpoint after training ({outcome.status})")
     device = select_device(cfg.train.device)
     dtype = autocast_dtype(device, cfg.train.precision)
-    model = build_model(cfg, cfg.seed).to(device)
-    ckpt.load_weights(final.path, model)
-    model.eval()
+    model = load_checkpoint(cfg, final.path, device)
     with torch.no_grad():
         val_loss = evaluate_loss(
             model, val, args.eval_seq_len, args.eval_batch, args.eval_batches, device, dtype
@@ -261,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase not in [p.name for p in data_cfg.phases]:
         raise SystemExit(f"{args.data}: no phase {args.phase!r} in its config")
     for split in ("train", "val"):
-        prefix = shard_prefix(args.data, args.phase, split)
+        prefix = RunLayout(args.data).shard(args.phase, split)
         if not Path(f"{prefix}.bin").is_file():
             raise SystemExit(f"{prefix}.bin: missing; run `deeplm prepare` for {args.data} first")
     rows = []

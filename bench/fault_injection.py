@@ -359,7 +359,7 @@ class TemporalVictim:
 
     def __init__(self, workdir: Path, config: Path, run_dir: Path, logdir: Path):
         sys.path.insert(0, str(ROOT / "src"))
-        from deeplm.workflows.temporal_server import free_port
+        from deeplm.pipeline.temporal.server import free_port
 
         self.state_dir = workdir / "temporal"
         self.config, self.run_dir, self.logdir = config, run_dir, logdir
@@ -375,7 +375,7 @@ class TemporalVictim:
         self.n_workers = 0
 
     def start_server(self) -> None:
-        from deeplm.workflows.temporal_server import start_dev_server
+        from deeplm.pipeline.temporal.server import start_dev_server
 
         _, self.server = start_dev_server(self.state_dir, self.address, ui=False, detach=False)
 

@@ -493,15 +493,15 @@ def _server(ctx: Ctx, **limits: float) -> Iterator[Any]:
     import torch
 
     from deeplm.export import LoadedModel
+    from deeplm.model import build_model
+    from deeplm.run.layout import RunLayout
+    from deeplm.run.run_config import load_run_config
     from deeplm.serve import Limits, make_server
     from deeplm.tokenizer import Tokenizer
-    from deeplm.train.trainer import build_model
-    from deeplm.workflows.activities import tokenizer_path
-    from deeplm.workflows.local import load_run_config
 
     cfg = load_run_config(ctx.finished_run)
     model = build_model(cfg, cfg.seed).eval()
-    tok = Tokenizer.load(tokenizer_path(ctx.finished_run))
+    tok = Tokenizer.load(RunLayout(ctx.finished_run).tokenizer)
     loaded = LoadedModel(model, tok, cfg.model, cfg.name, ctx.finished_run, torch.device("cpu"))
     srv = make_server(loaded, port=0, quiet=True, limits=Limits(graceful_timeout=1, **limits))
     srv.start()
@@ -590,7 +590,7 @@ CASES: dict[str, Callable[[Ctx], str]] = {
 
 def finish_a_run(workdir: Path) -> Path:
     """A finished (data-only) run of the micro config: the directory that must stay intact."""
-    from deeplm.workflows.local import run_local
+    from deeplm.pipeline.local import run_local
 
     ctx = Ctx(workdir, 0, workdir / "finished")
     cfg = load_config(config_file=write_config(ctx))

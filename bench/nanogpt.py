@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deeplm.train.device import peak_memory_bytes, synchronize
+from deeplm.device import peak_memory_bytes, synchronize
 
 
 class _Block(nn.Module):

@@ -37,7 +37,7 @@ def ensure_run(run_dir: Path) -> None:
     sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
     from bench.fault_injection import micro_two_phase
     from deeplm.config import config_from_dict, load_config
-    from deeplm.workflows.local import run_local
+    from deeplm.pipeline.local import run_local
 
     tiny = load_config(preset="tiny")
     cfg = micro_two_phase() | {"name": "serve-bench"}

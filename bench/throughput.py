@@ -12,7 +12,7 @@ loss heads and data (synthetic tokens or a run's real shards).
         --shards RUN/shards/grammar/train
 
 Each configuration runs in its own process, so its peak memory (CUDA: max allocated; MPS: see
-``deeplm.train.device.peak_memory_bytes``; CPU: peak resident set size) is its own. MFU counts
+``deeplm.device.peak_memory_bytes``; CPU: peak resident set size) is its own. MFU counts
 ``6*N + 12*L*d*T`` FLOPs per token against the datasheet peak (CUDA) and, with ``--gemm-peak``,
 against a bf16/fp32 GEMM peak measured in the same run (any device). ``--baseline`` also runs
 the plain eager model (fp32 and bf16, logits head) at each context length and prints each
@@ -40,9 +40,7 @@ from pathlib import Path
 import torch
 
 from deeplm.config import COMPILE_MODES, OPTIMIZERS, load_config
-from deeplm.model import Transformer, count_parameters, describe, flops_per_token
-from deeplm.train.compile import compile_for_training, fit_plan, step_plan
-from deeplm.train.device import (
+from deeplm.device import (
     autocast_context,
     peak_flops,
     peak_memory_bytes,
@@ -50,6 +48,8 @@ from deeplm.train.device import (
     select_device,
     synchronize,
 )
+from deeplm.model import Transformer, count_parameters, describe, flops_per_token
+from deeplm.train.compile import compile_for_training, fit_plan, step_plan
 from deeplm.train.optim import build_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,7 +84,7 @@ class LigerLM(torch.nn.Module):
 
         self.model, self.lce = model, LigerFusedLinearCrossEntropyLoss()
 
-    def forward(self, idx, targets, loss_weights=None, return_logits=False):
+    def forward(self, idx, targets, loss_weights=None):
         m = self.model
         x = m.tok_emb(idx)
         cos, sin = m.rope(x, idx.size(1))
@@ -93,7 +93,7 @@ class LigerLM(torch.nn.Module):
         x = m.norm_f(x)
         d = x.size(-1)
         loss = self.lce(m.lm_head.weight.to(x.dtype), x.reshape(-1, d), targets.reshape(-1))
-        return loss.detach(), loss
+        return loss, loss.detach()
 
 
 def bench_one(
@@ -155,7 +155,7 @@ def bench_one(
     def step(timed_opt: list[float] | None = None) -> torch.Tensor:
         inp, tgt = next(batches)
         with autocast_context(device, dtype):
-            _, loss = fwd(inp, tgt, return_logits=False)
+            loss, _ = fwd(inp, tgt)
         loss.backward()
         if timed_opt is not None:
             synchronize(device)

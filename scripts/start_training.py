@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run deeplm's pipeline through Temporal.
+"""Run deeplm's pipeline through Temporal (same as ``deeplm temporal ...``).
 
     python scripts/start_training.py start --preset tiny [--with-worker] [--detach]
     python scripts/start_training.py status --run-dir runs/tiny
@@ -15,16 +15,9 @@ from __future__ import annotations
 
 import sys
 
-
-def main(argv: list[str]) -> int:
-    from deeplm.workflows.temporal_client import main as client_main
-
-    return client_main(argv)
-
+from deeplm.cli import main
 
 if __name__ == "__main__":
-    from deeplm.workflows.temporal_client import hard_exit
-
-    # Leave with os._exit once done: the Temporal SDK can crash the interpreter at shutdown after
-    # the work succeeded (temporalio/sdk-python#300); that must not read as a failure.
-    hard_exit(main(sys.argv[1:]))
+    # ``deeplm temporal`` leaves with os._exit once done: the Temporal SDK can crash the
+    # interpreter at shutdown after the work succeeded (temporalio/sdk-python#300).
+    sys.exit(main(["temporal", *sys.argv[1:]]))

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from deeplm.config import config_from_dict
-from deeplm.workflows.local import run_local
+from deeplm.pipeline.local import run_local
 from tests.helpers import two_phase_config
 
 RUN_NAME = "usemodel"

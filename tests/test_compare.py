@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from deeplm.config import config_from_dict, config_to_json
-from deeplm.workflows.activities import shard_prefix, tokenizer_path
+from deeplm.run.layout import RunLayout
 from tests.helpers import micro_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -22,9 +22,9 @@ import compare  # noqa: E402
 @pytest.fixture()
 def data_run(corpus, tmp_path) -> Path:
     run = tmp_path / "data"
-    tokenizer_path(run).parent.mkdir(parents=True)
-    shutil.copy(corpus["root"] / "tokenizer.json", tokenizer_path(run))
-    shutil.copytree(corpus["root"] / "shards", shard_prefix(run, "p1", "train").parent)
+    RunLayout(run).tokenizer.parent.mkdir(parents=True)
+    shutil.copy(corpus["root"] / "tokenizer.json", RunLayout(run).tokenizer)
+    shutil.copytree(corpus["root"] / "shards", RunLayout(run).shard("p1", "train").parent)
     (run / "config.json").write_text(config_to_json(config_from_dict(micro_config())))
     return run
 

@@ -1,4 +1,4 @@
-"""Device decisions (deeplm.train.device), including the Apple Silicon (MPS) branches, checked
+"""Device decisions (deeplm.device), including the Apple Silicon (MPS) branches, checked
 through the module's functions. This machine has no GPU: the MPS/CUDA branches are reached by
 making PyTorch report such a device; what the real hardware does is recorded in
 docs/performance.md."""
@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from deeplm.train import device as dev
+from deeplm import device as dev
 
 MPS, CUDA, CPU = torch.device("mps"), torch.device("cuda", 0), torch.device("cpu")
 

@@ -22,18 +22,14 @@ from safetensors.torch import load_file
 
 from deeplm.config import RunConfig, TrainConfig, config_from_dict, config_to_json
 from deeplm.data.shards import Shard
+from deeplm.pipeline.open_run import open_run
+from deeplm.pipeline.stages import RunContext, StageStopped, train_phase
+from deeplm.run import checkpoint as ckpt
+from deeplm.run.layout import RunLayout
+from deeplm.run.run_config import load_run_config
 from deeplm.tokenizer import Tokenizer
-from deeplm.train import checkpoint as ckpt
-from deeplm.train import distributed
+from deeplm.train import distributed, distributed_main
 from deeplm.train.trainer import PhaseTrainer, TrainHooks
-from deeplm.workflows.activities import (
-    RunContext,
-    StageStopped,
-    shard_prefix,
-    tokenizer_path,
-    train_phase,
-)
-from deeplm.workflows.local import load_run_config, open_run
 from tests.helpers import micro_config
 
 ATOL = 1e-5
@@ -59,9 +55,9 @@ def prepared(corpus, tmp_path_factory) -> Path:
     """A run directory with the session corpus's tokenizer and shards as phase p1's, and no
     checkpoints (copied by each test)."""
     run = tmp_path_factory.mktemp("dist") / "prepared"
-    tokenizer_path(run).parent.mkdir(parents=True)
-    shutil.copy(corpus["root"] / "tokenizer.json", tokenizer_path(run))
-    shards = shard_prefix(run, "p1", "train").parent
+    RunLayout(run).tokenizer.parent.mkdir(parents=True)
+    shutil.copy(corpus["root"] / "tokenizer.json", RunLayout(run).tokenizer)
+    shards = RunLayout(run).shard("p1", "train").parent
     shutil.copytree(corpus["root"] / "shards", shards)
     (run / "config.json").write_text(config_to_json(_config()))
     return run
@@ -95,8 +91,8 @@ def _torchrun(run: Path, nproc: int, cfg: RunConfig | None = None) -> subprocess
 
 def _train_in_process(run: Path) -> None:
     cfg = load_run_config(run)
-    tok = Tokenizer.load(tokenizer_path(run))
-    shards = {s: Shard.open(shard_prefix(run, "p1", s), tok.hash) for s in ("train", "val")}
+    tok = Tokenizer.load(RunLayout(run).tokenizer)
+    shards = {s: Shard.open(RunLayout(run).shard("p1", s), tok.hash) for s in ("train", "val")}
     trainer = PhaseTrainer(
         cfg, 0, run, tok, shards["train"], shards["val"], hooks=TrainHooks(log=lambda s: None)
     )
@@ -334,3 +330,24 @@ def test_train_settings_are_validated_and_split_the_step():
     assert distributed.split_batch(phase, 4) == (6, 4)  # split micro_batch
     with pytest.raises(distributed.DistributedConfigError):
         distributed.split_batch(phase, 5)
+
+
+def test_a_later_phase_writes_its_result_into_its_own_dist_folder(one_proc, tmp_path):
+    """The rank entry point for phase 1 (not under torchrun: one process) starts from phase 0's
+    final checkpoint and writes result.json into ``dist/2-p2``, next to where the launcher
+    looks for it and its STOP file (not into phase 0's checkpoint folder)."""
+    run = _copy(one_proc, tmp_path / "run")
+    layout = RunLayout(run)
+    shutil.copytree(layout.shards_dir("p1"), layout.shards_dir("p2"))
+    d = json.loads(config_to_json(_config()))
+    d["phases"].append(dict(d["phases"][0], name="p2", tokens=2 * 4 * 64))
+    path = run / "two-phases.json"
+    path.write_text(json.dumps(d))
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert distributed_main.main([str(run), "1", "--config", str(path)]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    result = json.loads((layout.dist_dir(1, "p2") / distributed.RESULT_FILE).read_text())
+    assert result["status"] == "done" and result["final_checkpoint"]
+    assert not (layout.phase_checkpoints(0, "p1") / distributed.RESULT_FILE).exists()

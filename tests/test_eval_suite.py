@@ -22,7 +22,7 @@ from deeplm.eval.probes import (
 )
 from deeplm.eval.richness import distinct_n, mattr, rare_word_rate, richness, word_counts, words
 from deeplm.model import Transformer
-from deeplm.workflows.state_db import StateDB
+from deeplm.run.state_db import StateDB
 from tests.finished_run import micro_run, run_cli
 
 CPU = torch.device("cpu")
@@ -247,7 +247,7 @@ def test_eval_cli_full_suite(tmp_path_factory) -> None:
         db.close()
     # the pipeline's own report is untouched: a re-run redoes nothing
     from deeplm.config import config_from_dict
-    from deeplm.workflows.local import run_local
+    from deeplm.pipeline.local import run_local
     from tests.finished_run import micro_run_config
 
     summary = run_local(run_dir, config_from_dict(micro_run_config()), log=lambda s: None)

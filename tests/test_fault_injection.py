@@ -12,9 +12,11 @@ import pytest
 
 from bench import fault_injection as fi
 from deeplm.config import load_config
-from deeplm.workflows.activities import RunContext, open_verified_shard, shard_prefix
-from deeplm.workflows.local import load_run_config, run_local
-from deeplm.workflows.state_db import StateDB
+from deeplm.pipeline.local import run_local
+from deeplm.pipeline.stages import RunContext, open_verified_shard
+from deeplm.run.layout import RunLayout
+from deeplm.run.run_config import load_run_config
+from deeplm.run.state_db import StateDB
 
 PHASES = ["grammar", "vocabulary"]
 
@@ -152,7 +154,7 @@ def test_truncated_shard_at_train_start_is_rebuilt(injected, tmp_path):
     finally:
         db.close()
     assert val.read_bytes() == original
-    assert Path(f"{shard_prefix(run_dir, 'vocabulary', 'val')}.bin.corrupt").is_file()
+    assert Path(f"{RunLayout(run_dir).shard('vocabulary', 'val')}.bin.corrupt").is_file()
 
 
 def test_killed_worker_and_server_are_survived_through_temporal(tmp_path):

@@ -21,8 +21,9 @@ from bench.fault_injection import to_toml
 from deeplm.config import config_from_dict
 from deeplm.data.clean import split_for
 from deeplm.eval.forgetting import forgetting_warnings
-from deeplm.workflows.local import run_local, status
-from deeplm.workflows.state_db import StateDB
+from deeplm.pipeline.local import run_local
+from deeplm.pipeline.status import status
+from deeplm.run.state_db import StateDB
 from tests.finished_run import cli_env, micro_run, one_thread, run_cli
 from tests.helpers import two_phase_config
 
@@ -348,7 +349,7 @@ def test_export_files_share_one_mode(done_run, tmp_path):
 
 
 def test_status_shows_progress_elapsed_time_and_eta(done_run, tmp_path):
-    from deeplm.workflows.local import add_etas, stage_progress
+    from deeplm.pipeline.status import add_etas, stage_progress
 
     cfg = config_from_dict(two_phase_config())
     st = {"name": "prepare", "status": "running", "error": None, "cursor": {"parts": {"a": 1}}}
@@ -377,8 +378,8 @@ def test_status_shows_progress_elapsed_time_and_eta(done_run, tmp_path):
 
 
 def test_temporal_console_eta_and_worker_names():
-    from deeplm.workflows.temporal_client import format_live
-    from deeplm.workflows.worker import worker_identity
+    from deeplm.pipeline.temporal.client import format_live
+    from deeplm.pipeline.temporal.worker import worker_identity
 
     hb = {"phase": "grammar", "step": 10, "total_steps": 70, "tokens": 10_240, "tokens_per_s": 1024}
     line = format_live({"id": "train:grammar", "attempt": 1, "heartbeat": hb})

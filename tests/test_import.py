@@ -10,9 +10,9 @@ import pytest
 
 from deeplm.cli import main
 from deeplm.data.shards import Shard
+from deeplm.run.layout import RunLayout
+from deeplm.run.run_config import load_run_config
 from deeplm.tokenizer import Tokenizer
-from deeplm.workflows.activities import shard_prefix, tokenizer_path
-from deeplm.workflows.local import load_run_config
 
 
 @pytest.fixture()
@@ -61,13 +61,13 @@ def _import(foreign, run_dir, *extra: str, train: str = "train.bin") -> int:
 def test_import_keeps_every_token_id_and_makes_a_data_run(foreign, tmp_path):
     run = tmp_path / "run"
     assert _import(foreign, run) == 0
-    tok = Tokenizer.load(tokenizer_path(run))
+    tok = Tokenizer.load(RunLayout(run).tokenizer)
     assert tok.bos_id == 0 and tok.eos_id != tok.pad_id and tok.vocab_size == 514
     cfg = load_run_config(run)
     assert cfg.model.vocab_size == cfg.tokenizer.vocab_size == tok.vocab_size
     phase = cfg.phases[0].name
     for split in ("train", "val"):
-        shard = Shard.open(shard_prefix(run, phase, split), tok.hash)
+        shard = Shard.open(RunLayout(run).shard(phase, split), tok.hash)
         assert np.array_equal(np.asarray(shard.tokens), foreign[split])
         assert shard.n_docs == int((foreign[split] == 0).sum())
         assert int(shard.doc(1)[0]) == 0  # every document starts at the separator
@@ -82,8 +82,8 @@ def test_llmc_format_is_detected(foreign, tmp_path):
         fh.write(header.tobytes() + foreign["train"].tobytes())
     run = tmp_path / "llmc-run"
     assert _import(foreign, run, train="llmc.bin") == 0
-    tok = Tokenizer.load(tokenizer_path(run))
-    shard = Shard.open(shard_prefix(run, "grammar", "train"), tok.hash)
+    tok = Tokenizer.load(RunLayout(run).tokenizer)
+    shard = Shard.open(RunLayout(run).shard("grammar", "train"), tok.hash)
     assert np.array_equal(np.asarray(shard.tokens), foreign["train"])
     header[2] += 5  # the header promises more tokens than the file has
     with open(foreign["dir"] / "short.bin", "wb") as fh:

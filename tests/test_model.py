@@ -234,18 +234,21 @@ def test_chunked_head_matches_full_logits_loss_and_gradients(weighted: bool, bf1
     weights = torch.rand(3, 20) * 2 if weighted else None
     ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
-    def run(return_logits: bool, scale: float = 1.0):
+    def run(chunked: bool, scale: float = 1.0):
         model.zero_grad(set_to_none=True)
         with ctx:
-            first, loss = model(idx, targets, weights, return_logits=return_logits)
+            if chunked:
+                loss, first = model.loss(idx, targets, weights)
+            else:
+                first, loss = model(idx, targets, weights)
         (scale * loss).backward()
         return first, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    logits, ref_loss, ref_grads = run(True, 2.0)
+    logits, ref_loss, ref_grads = run(False, 2.0)
     old = fused_loss.CHUNK_ELEMENTS
     fused_loss.CHUNK_ELEMENTS = 7 * 64  # 7 rows per chunk: 60 rows in 9 chunks, one partial
     try:
-        unweighted, loss, grads = run(False, 2.0)
+        unweighted, loss, grads = run(True, 2.0)
     finally:
         fused_loss.CHUNK_ELEMENTS = old
     atol = 2e-2 if bf16 else 1e-5
@@ -259,7 +262,7 @@ def test_chunked_head_matches_full_logits_loss_and_gradients(weighted: bool, bf1
         torch.testing.assert_close(grads[name], g, atol=atol, rtol=1e-2, msg=name)
     # evaluation: no gradients kept, same loss
     with torch.no_grad(), ctx:
-        _, loss_eval = model(idx, targets, weights, return_logits=False)
+        loss_eval, _ = model.loss(idx, targets, weights)
     torch.testing.assert_close(loss_eval, ref_loss, atol=1e-5, rtol=1e-5)
 
 
@@ -334,3 +337,19 @@ def test_forward_with_cache_matches_full_forward() -> None:
             model.forward_with_cache(idx[:, 10:12], cache, 10),
         ]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_training_loss_module_is_model_loss() -> None:
+    """What DDP wraps in training: a module whose forward is ``Transformer.loss``."""
+    from deeplm.model import TrainingLoss
+
+    torch.manual_seed(0)
+    model = Transformer(small_cfg())
+    idx = torch.randint(0, 64, (2, 10))
+    wrapped = TrainingLoss(model)
+    assert list(wrapped.parameters()) == list(model.parameters())
+    loss, unweighted = wrapped(idx, idx)
+    ref, ref_unweighted = model.loss(idx, idx)
+    assert torch.equal(loss, ref) and torch.equal(unweighted, ref_unweighted)
+    _, full = model(idx, idx)  # forward keeps (logits, loss)
+    torch.testing.assert_close(loss, full, atol=1e-5, rtol=1e-5)

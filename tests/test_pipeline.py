@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from deeplm.config import config_from_dict
-from deeplm.workflows.local import RunLocked, run_local, run_lock, status
-from deeplm.workflows.state_db import StateDB
+from deeplm.pipeline.local import run_local
+from deeplm.pipeline.status import status
+from deeplm.run.lock import RunLocked, run_lock
+from deeplm.run.state_db import StateDB
 from tests.helpers import micro_config, two_phase_config
 
 

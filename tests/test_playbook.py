@@ -16,11 +16,12 @@ from deeplm.config import SourceConfig, config_from_dict
 from deeplm.data.instructions import format_pair, iter_instructions
 from deeplm.data.kinds import excluded_kind, text_kinds
 from deeplm.data.sources import SourceStats
+from deeplm.model import build_model
 from deeplm.model.lora import apply_lora, has_lora, merge_lora
-from deeplm.train import checkpoint as ckpt
-from deeplm.train.trainer import PhaseTrainer, TrainHooks, TrainingDiverged, build_model
+from deeplm.pipeline.stages import source_documents
+from deeplm.run import checkpoint as ckpt
+from deeplm.train.trainer import PhaseTrainer, TrainHooks, TrainingDiverged
 from deeplm.train.weighting import token_weights
-from deeplm.workflows.activities import source_documents
 from tests.helpers import micro_config
 
 
@@ -174,7 +175,7 @@ def test_nan_loss_rolls_back_and_lowers_lr(corpus, tmp_path):
     out, trainer = _run(corpus, tmp_path, cfg, trainer_cls=NaNOnce, events=events)
     assert out.status == "done" and out.rollbacks == 1
     assert events.count("rollback") == 1
-    assert trainer.lr_scale == 0.5 and trainer.warmup_scale == 2.0
+    assert trainer.guard.lr_scale == 0.5 and trainer.guard.warmup_scale == 2.0
     train = [r for r in _records(tmp_path) if "loss" in r]
     assert all(np.isfinite(r["loss"]) for r in train)
     steps = [r["step"] for r in train]

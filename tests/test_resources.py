@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from deeplm.config import config_from_dict
-from deeplm.train import checkpoint as ckpt
+from deeplm.pipeline.local import run_local
+from deeplm.run import checkpoint as ckpt
 from deeplm.train.trainer import OutOfMemory, PhaseTrainer, TrainHooks
-from deeplm.workflows.local import run_local
 from tests.helpers import micro_config, two_phase_config
 
 

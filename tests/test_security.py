@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import deeplm
+from deeplm.pipeline.temporal.server import TemporalServerError, start_dev_server
 from deeplm.serve import server
-from deeplm.workflows.temporal_server import TemporalServerError, start_dev_server
 
 SRC = Path(deeplm.__file__).parent
 ROOTS = [SRC, SRC.parents[1] / "scripts", SRC.parents[1] / "bench"]

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from deeplm.workflows.state_db import SCHEMA_VERSION, StateDB
+from deeplm.run.state_db import SCHEMA_VERSION, StateDB
 
 
 def test_a_database_holds_one_run(tmp_path):
@@ -26,7 +26,7 @@ def test_stage_owner_is_recorded_and_checked(tmp_path):
     import subprocess
     import sys
 
-    from deeplm.workflows.state_db import owner_alive
+    from deeplm.run.state_db import owner_alive
 
     db = StateDB(tmp_path / "state.db")
     db.start_stage("prepare")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from deeplm.config import ConfigError, config_from_dict, load_config
 from deeplm.model import Transformer
-from deeplm.train import checkpoint as ckpt
+from deeplm.run import checkpoint as ckpt
 from deeplm.train.compile import fit_plan, regroup, step_plan
 from deeplm.train.optim import build_optimizer, newton_schulz
 from deeplm.train.trainer import PhaseTrainer, TrainHooks
@@ -146,7 +146,7 @@ def test_logits_head_equals_chunked_head(weighted):
         torch.manual_seed(1)
         model = Transformer(cfg)
         model.set_loss_head(head)
-        unweighted, loss = model(x, y, w, return_logits=False)
+        loss, unweighted = model.loss(x, y, w)
         loss.backward()
         results.append((unweighted, loss, [p.grad.clone() for p in model.parameters()]))
     (u1, l1, g1), (u2, l2, g2) = results

@@ -25,10 +25,11 @@ import pytest
 
 from bench import fault_injection
 from deeplm.config import config_from_dict
-from deeplm.train import checkpoint as ckpt
-from deeplm.workflows.local import run_local, status
-from deeplm.workflows.state_db import StateDB
-from deeplm.workflows.temporal_server import free_port, start_dev_server
+from deeplm.pipeline.local import run_local
+from deeplm.pipeline.status import status
+from deeplm.pipeline.temporal.server import free_port, start_dev_server
+from deeplm.run import checkpoint as ckpt
+from deeplm.run.state_db import StateDB
 from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -417,7 +418,7 @@ def test_missing_server_binary_and_bad_address_are_clear(tmp_path):
     code = (
         "import sys; from pathlib import Path; sys.executable = '/nonexistent/python'\n"
         "import sysconfig; sysconfig.get_path = lambda name: '/nonexistent'\n"
-        "from deeplm.workflows.temporal_server import find_temporal_binary\n"
+        "from deeplm.pipeline.temporal.server import find_temporal_binary\n"
         "find_temporal_binary()\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

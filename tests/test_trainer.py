@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from deeplm.config import config_from_dict
-from deeplm.train import checkpoint as ckpt
+from deeplm.run import checkpoint as ckpt
 from deeplm.train.trainer import PhaseTrainer, TrainHooks
 from tests.helpers import micro_config
 

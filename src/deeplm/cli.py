@@ -2,10 +2,15 @@
 
 Subcommands: run the pipeline, show a run's status, sample from or chat with a model, evaluate a
 checkpoint, export it for Hugging Face ``transformers``, serve an OpenAI-compatible API, list
-presets.
+presets, and ``deeplm temporal ...``: the pipeline through Temporal (start, status, cancel,
+list, server, worker; ``scripts/start_training.py`` and ``scripts/temporal_worker.py`` are thin
+wrappers around ``deeplm temporal`` and ``deeplm worker``).
 
 Every subcommand prints a clear one-line error (and exits 2) for bad input: an unknown preset,
 an invalid config key or value, a missing run directory.
+
+Each subcommand imports what it needs when it runs (never to dodge an import cycle): building
+the parser, ``--help`` and a bad flag must not pay for importing torch or the Temporal SDK.
 """
 
 from __future__ import annotations
@@ -77,13 +82,13 @@ def console_log(flag: _StopFlag) -> Callable[[str], None]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from deeplm.workflows.local import run_local
+    from deeplm.pipeline.local import run_local
 
     cfg = _load_cfg(args)
     if args.no_progress:
         cfg.train.progress = False
     if getattr(args, "orchestrator", "local") == "temporal":
-        from deeplm.workflows.temporal_client import hard_exit, start_command
+        from deeplm.pipeline.temporal.client import hard_exit, start_command
 
         hard_exit(start_command(args, cfg))  # leaves via os._exit (temporalio/sdk-python#300)
     run_dir = _run_dir_arg(args.run_dir, cfg.name)
@@ -117,11 +122,12 @@ def _run_dir_arg(value: str | None, name: str) -> Path:
 
 
 def _rebuild_state(run_dir: Path) -> None:
-    from deeplm.workflows.local import rebuild_state
+    from deeplm.run.layout import RunLayout
+    from deeplm.run.state_db import rebuild_state
 
     aside = rebuild_state(run_dir)
     if aside is None:
-        print(f"{run_dir / 'state.db'}: readable or absent; nothing to rebuild", flush=True)
+        print(f"{RunLayout(run_dir).state_db}: readable or absent; nothing to rebuild", flush=True)
     else:
         print(
             f"moved the damaged state database aside to {aside}; rebuilding the state from the "
@@ -131,13 +137,27 @@ def _rebuild_state(run_dir: Path) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from deeplm.workflows.worker import hard_exit, run_worker_command
+    from deeplm.pipeline.temporal.worker import hard_exit, run_worker_command
 
     hard_exit(run_worker_command(args))  # leaves via os._exit (temporalio/sdk-python#300)
 
 
+def cmd_temporal(args: argparse.Namespace) -> int:
+    """``deeplm temporal start|status|cancel|list|server``."""
+    from deeplm.pipeline.temporal import client
+
+    fn = {
+        "start": client.cmd_start,
+        "status": client.cmd_status,
+        "cancel": client.cmd_cancel,
+        "list": client.cmd_list,
+        "server": client.cmd_server,
+    }[args.temporal_command]
+    client.hard_exit(client.run_async(fn(args)))  # leaves via os._exit (sdk-python#300)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from deeplm.workflows.local import format_status, status
+    from deeplm.pipeline.status import format_status, status
 
     st = status(Path(args.run_dir))
     print(json.dumps(st, indent=2, default=str) if args.json else format_status(st))
@@ -343,9 +363,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "each phase's last one)"
         )
     if args.checkpoint and not args.run_dir:
-        from deeplm.export import run_dir_of_checkpoint
+        from deeplm.run.layout import RunLayout
 
-        args.run_dir = run_dir_of_checkpoint(Path(args.checkpoint))
+        found = RunLayout.of_checkpoint(args.checkpoint)
+        args.run_dir = found.root if found is not None else None
     if not args.run_dir:
         raise ValueError("give --run-dir (and optionally --checkpoint)")
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
@@ -439,7 +460,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from deeplm.data.importer import ImportError_
-    from deeplm.workflows.import_run import import_tokens
+    from deeplm.pipeline.import_run import import_tokens
 
     cfg = _load_cfg(args)
     try:
@@ -515,25 +536,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeplm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def cfg_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--preset", help=f"a preset ({', '.join(list_presets())}); default tiny")
-        p.add_argument(
-            "--allow-config-change",
-            action="store_true",
-            help="resume a run with a changed config when no change can invalidate finished "
-            "work (training keys of a phase not started, eval/save cadence of a phase not "
-            "finished; docs/configuration.md)",
-        )
-        p.add_argument("--config", help="a TOML config file (instead of --preset)")
-        p.add_argument(
-            "--set",
-            action="append",
-            metavar="KEY=VALUE",
-            help="override a config value, e.g. --set phases.0.lr=1e-3 (repeatable)",
-        )
+    _add_pipeline_commands(sub)
+    p = sub.add_parser("status", help="show a run's stages, phases, progress and metrics")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_status)
 
+    _add_model_commands(sub)
+    p = sub.add_parser("presets", help="list presets with their exact parameter counts")
+    p.set_defaults(fn=cmd_presets)
+    return parser
+
+
+def _cfg_args(p: argparse.ArgumentParser) -> None:
+    """Which config: a preset or a TOML file, overrides, config changes on resume."""
+    p.add_argument("--preset", help=f"a preset ({', '.join(list_presets())}); default tiny")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume a run with a changed config when no change can invalidate finished "
+        "work (training keys of a phase not started, eval/save cadence of a phase not "
+        "finished; docs/configuration.md)",
+    )
+    p.add_argument("--config", help="a TOML config file (instead of --preset)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set phases.0.lr=1e-3 (repeatable)",
+    )
+
+
+def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
+    """``run``, ``worker``, ``temporal ...``, ``prepare``, ``import``."""
     p = sub.add_parser("run", help="run the whole pipeline (resumes; skips what is done)")
-    cfg_args(p)
+    _cfg_args(p)
     p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
@@ -557,16 +594,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_run)
 
-    from deeplm.workflows.worker import build_parser as worker_parser
-
     p = sub.add_parser("worker", help="run a Temporal worker for the pipeline's task queues")
-    worker_parser(p)
+    _worker_args(p)
     p.set_defaults(fn=cmd_worker)
+
+    _temporal_parser(sub)
 
     p = sub.add_parser(
         "prepare", help="only the data stages: prepare, tokenizer, tokenize (resumable)"
     )
-    cfg_args(p)
+    _cfg_args(p)
     p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
@@ -579,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "import", help="make a data run from pre-tokenized files (nanoGPT / llm.c .bin)"
     )
-    cfg_args(p)
+    _cfg_args(p)
     p.add_argument("--train", required=True, help="training tokens (.bin: raw uint16 or llm.c)")
     p.add_argument("--val", required=True, help="validation tokens (same format)")
     p.add_argument("--tokenizer", required=True, help="the tokenizer.json they were encoded with")
@@ -589,11 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="uint16", choices=["uint16", "uint32"], help="raw files")
     p.set_defaults(fn=cmd_import)
 
-    p = sub.add_parser("status", help="show a run's stages, phases, progress and metrics")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(fn=cmd_status)
 
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """``generate``, ``chat``, ``eval``, ``export``, ``serve``: what uses a trained model."""
     p = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
     _model_args(p)
     p.add_argument("--prompt", required=True)
@@ -649,9 +684,100 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_limit_args(p)
     p.set_defaults(fn=cmd_serve)
 
-    p = sub.add_parser("presets", help="list presets with their exact parameter counts")
-    p.set_defaults(fn=cmd_presets)
-    return parser
+
+def _worker_args(p: argparse.ArgumentParser) -> None:
+    """``deeplm worker`` (``scripts/temporal_worker.py``): serve the pipeline's task queues."""
+    from deeplm.pipeline.temporal.server import add_connection_args
+
+    add_connection_args(p)
+    p.add_argument(
+        "--queues",
+        default="cpu,gpu",
+        help="which task queues to serve: cpu, gpu or cpu,gpu (default both)",
+    )
+    p.add_argument("--cpu-slots", type=int, default=2, help="concurrent CPU stages (default 2)")
+    p.add_argument("--gpu-slots", type=int, default=1, help="concurrent GPU stages (default 1)")
+    p.add_argument(
+        "--graceful",
+        type=float,
+        default=120.0,
+        help="seconds a shutdown waits for running stages to checkpoint and stop (default 120)",
+    )
+    p.add_argument(
+        "--wait-for-server",
+        type=float,
+        default=0.0,
+        help="give up when no server answers within this many seconds (default 0: wait forever)",
+    )
+    p.add_argument(
+        "--start-server",
+        action="store_true",
+        help="start a local dev server when none answers (state in --state-dir)",
+    )
+    p.add_argument(
+        "--state-dir",
+        default="runs/temporal",
+        help="dev server state folder for --start-server (default runs/temporal)",
+    )
+
+
+def _temporal_parser(sub: argparse._SubParsersAction) -> None:
+    """``deeplm temporal ...`` (``scripts/start_training.py``): the pipeline through Temporal."""
+    from deeplm.pipeline.temporal.server import add_connection_args
+
+    top = sub.add_parser(
+        "temporal", help="run the pipeline through Temporal: start, status, cancel, list, ..."
+    )
+    tsub = top.add_subparsers(dest="temporal_command", required=True)
+
+    def which_run(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", help="a preset (default tiny)")
+        p.add_argument("--config", help="a TOML config file (instead of --preset)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+        p.add_argument("--run-dir", help="the run directory")
+        p.add_argument("--workflow-id", help="the workflow id (default deeplm-<run name>)")
+        add_connection_args(p)
+        p.set_defaults(fn=cmd_temporal)
+
+    p = tsub.add_parser("start", help="start the pipeline (or attach to it) and follow it")
+    which_run(p)
+    p.add_argument("--with-worker", action="store_true", help="run a worker for this run too")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="apply config changes that cannot invalidate finished work (as deeplm run)",
+    )
+    p.add_argument("--detach", action="store_true", help="return once the workflow has started")
+    p.add_argument("--heartbeat-timeout", type=float, help="seconds (default 120)")
+    p.add_argument("--train-timeout", type=float, help="hours a training stage may take (336)")
+    p.add_argument("--max-attempts", type=int, help="attempts per stage (default 10)")
+
+    p = tsub.add_parser("status", help="workflow status, live progress and the run's StateDB")
+    which_run(p)
+    p.add_argument("--json", action="store_true")
+
+    p = tsub.add_parser("cancel", help="stop a run cleanly (training checkpoints first)")
+    which_run(p)
+    p.add_argument("--no-wait", action="store_true", help="do not wait for it to stop")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
+
+    p = tsub.add_parser("list", help="list deeplm workflows")
+    add_connection_args(p)
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_temporal)
+
+    p = tsub.add_parser("server", help="start (or --stop) a local Temporal dev server")
+    add_connection_args(p)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run-dir", help="the server's state goes in <run-dir>/temporal")
+    where.add_argument("--state-dir", help="or in this folder")
+    p.add_argument("--stop", action="store_true")
+    p.set_defaults(fn=cmd_temporal)
+
+    p = tsub.add_parser("worker", help="run a Temporal worker (same as deeplm worker)")
+    _worker_args(p)
+    p.set_defaults(fn=cmd_worker)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -659,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:
-        from deeplm.workflows.local import RunLocked
+        from deeplm.run.lock import RunLocked
 
         kind = (
             "config error"

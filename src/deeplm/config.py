@@ -174,82 +174,92 @@ TEXT_KINDS = ("code", "lists", "math", "chat", "forum")
 
 
 @dataclass
-class PhaseConfig:
-    """One training phase: its data, budget and optimisation settings."""
+class PhaseData:
+    """Phase section "data and budget": what the phase reads and how many tokens it trains on,
+    in windows of which shape."""
 
     name: str = "phase1"
-    # "pretrain" phases feed the tokenizer; "finetune" data (the user's own) never does.
+    """Simple name (letters, digits, ``-``, ``_``): checkpoint folder, metrics files, logs."""
     kind: str = "pretrain"
+    """``pretrain`` phases feed the tokenizer; ``finetune`` data (the user's own) never does."""
     sources: list[SourceConfig] = field(default_factory=list)
-    # Text kinds to drop from this phase's data: code, lists, math, chat, forum.
+    """The phase's text sources (at least one); see :class:`SourceConfig`."""
     exclude_kinds: list[str] = field(default_factory=list)
-    tokens: int = 1_000_000  # training budget in tokens
-    val_fraction: float = 0.01
-    seq_len: int = 512
-    micro_batch: int = 8
-    grad_accum: int = 1
-    # "adamw"; "muon": Muon (batched Newton-Schulz) on the blocks' matrices and AdamW on the
-    # embedding, head and norms; "adafactor": torch's Adafactor (least optimizer memory).
-    optimizer: str = "adamw"
-    lr: float = 3e-4  # peak LR (muon: Muon's, scaled per matrix by muon_adjust_lr)
-    min_lr_ratio: float = 0.1  # schedule floor = lr * min_lr_ratio
-    warmup_frac: float = 0.03
-    # "cosine": warmup, then cosine to the floor; "wsd": warmup, constant, then a linear decay to
-    # the floor over the last decay_frac of the steps (warmup-stable-decay).
-    schedule: str = "cosine"
-    decay_frac: float = 0.2
-    # muon: peak LR of the AdamW-trained parameters (embedding, head, norms); 0 = lr.
-    adamw_lr: float = 0.0
-    muon_momentum: float = 0.95  # Nesterov momentum of the Muon update
-    muon_ns_steps: int = 5  # Newton-Schulz iterations per step
-    # Per-matrix LR scaling: "match_rms_adamw" (0.2 * sqrt(max(A, B)): AdamW-sized lr and weight
-    # decay carry over) or "original" (sqrt(max(1, A/B)), Keller Jordan's; lr ~0.02).
-    muon_adjust_lr: str = "match_rms_adamw"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 100  # optimizer steps; 0 = only at the end
-    eval_batches: int = 20
-    save_every: int = 200  # optimizer steps; 0 = only at the end
-    keep_last: int = 2  # periodic checkpoints kept per phase (the phase-final is always kept)
-    sample_every: int = 0  # optimizer steps; 0 = at each evaluation
-    sample_tokens: int = 48
-    long_sample_tokens: int = 0  # 0 = no long samples
-    prompts: list[str] = field(default_factory=lambda: ["The", "It was a"])
-    # Context-length curriculum; empty = always seq_len. Tokens per optimizer step stay constant:
-    # at a shorter context the micro-batch grows (micro_batch * seq_len / context).
-    curriculum: list[ContextStage] = field(default_factory=list)
-    # Layer freezing schedule; empty = nothing frozen. A checkpoint is kept before each freeze.
-    freeze: list[FreezeStage] = field(default_factory=list)
-    # Rare-token loss weighting: weight ~ (frequency)^-alpha, clipped, mean 1; 0 = off.
-    rare_token_alpha: float = 0.0
-    rare_token_max_weight: float = 4.0
-    # Stop early when the validation loss has not improved by min_delta for `patience` evals.
-    plateau_patience: int = 0
-    plateau_min_delta: float = 0.0
-    # LoRA adapters (rank 0 = off) on these projections; merged into the weights at phase end.
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_targets: list[str] = field(
-        default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.up", "mlp.down"]
-    )
-    # Divergence handling: roll back to the last good checkpoint on NaN/Inf loss or a grad-norm
-    # spike (> spike_factor x its running mean; 0 = off), halve the LR and double the warmup.
-    max_rollbacks: int = 3
-    spike_factor: float = 0.0
-    # Replay against forgetting: this fraction of the phase's training text (by characters) is a
-    # deterministic sample of the earlier phases' training documents, shared equally between
-    # them (0 = off; the first phase has nothing to replay). Validation data stays the phase's.
+    """Text kinds to drop from this phase's data: code, lists, math, chat, forum."""
     replay: float = 0.0
+    """Replay against forgetting: this fraction of the phase's training text (by characters) is
+    a deterministic sample of the earlier phases' training documents, shared equally between them
+    (0 = off; the first phase has nothing to replay). Validation data stays the phase's."""
+    tokens: int = 1_000_000
+    """Training budget in tokens; ``total_steps = tokens // tokens_per_step`` (at least 1)."""
+    val_fraction: float = 0.01
+    """Share of the phase's documents held out for validation, in (0, 0.5)."""
+    seq_len: int = 512
+    """Context length of a training window (the longest one under a curriculum)."""
+    micro_batch: int = 8
+    """Windows per forward/backward pass at ``seq_len`` (more at a shorter curriculum context)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (``tokens_per_step = seq_len * micro_batch *
+    grad_accum``)."""
 
-    def _validate_recipe(self, where: str) -> None:
-        if self.schedule not in SCHEDULES:
+    def _check_data(self, where: str) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{where}.name must be a simple name (letters, digits, - _)")
+        if not self.sources:
+            raise ConfigError(f"{where}.sources must list at least one source")
+        for i, src in enumerate(self.sources):
+            src.validate(f"{where}.sources[{i}]")
+        for name in ("tokens", "seq_len", "micro_batch", "grad_accum"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"{where}.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.kind not in ("pretrain", "finetune"):
+            raise ConfigError(f"{where}.kind must be pretrain or finetune, not {self.kind!r}")
+        for kind in self.exclude_kinds:
+            if kind not in TEXT_KINDS:
+                raise ConfigError(
+                    f"{where}.exclude_kinds: unknown kind {kind!r} (known: {', '.join(TEXT_KINDS)})"
+                )
+        if not 0.0 <= self.replay < 1.0:
+            raise ConfigError(f"{where}.replay must be in [0, 1), got {self.replay}")
+
+
+@dataclass
+class PhaseOptimizer:
+    """Phase section "optimizer": the update rule and its hyper-parameters."""
+
+    optimizer: str = "adamw"
+    """``adamw``; ``muon``: Muon (batched Newton-Schulz) on the blocks' matrices and AdamW on the
+    embedding, head and norms; ``adafactor``: torch's Adafactor (least optimizer memory)."""
+    lr: float = 3e-4
+    """Peak learning rate (muon: Muon's, scaled per matrix by ``muon_adjust_lr``)."""
+    adamw_lr: float = 0.0
+    """muon: peak LR of the AdamW-trained parameters (embedding, head, norms); 0 = ``lr``."""
+    muon_momentum: float = 0.95
+    """muon: Nesterov momentum of the Muon update, in [0, 1)."""
+    muon_ns_steps: int = 5
+    """muon: Newton-Schulz iterations per step (1..99)."""
+    muon_adjust_lr: str = "match_rms_adamw"
+    """muon: per-matrix LR scaling, ``match_rms_adamw`` (0.2 * sqrt(max(A, B)): AdamW-sized lr
+    and weight decay carry over) or ``original`` (sqrt(max(1, A/B)), Keller Jordan's; lr ~0.02)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of the matrices."""
+    beta1: float = 0.9
+    """AdamW's first-moment decay."""
+    beta2: float = 0.95
+    """AdamW's second-moment decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping threshold (over all trainable parameters)."""
+
+    def _check_optimizer(self, where: str) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
-                f"{where}.schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}"
+                f"{where}.optimizer must be one of {', '.join(OPTIMIZERS)}, not "
+                f"{self.optimizer!r}"
             )
-        if not 0.0 < self.decay_frac <= 1.0:
-            raise ConfigError(f"{where}.decay_frac must be in (0, 1], got {self.decay_frac}")
         if self.adamw_lr < 0:
             raise ConfigError(f"{where}.adamw_lr must be >= 0 (0 = lr), got {self.adamw_lr}")
         if not 0.0 <= self.muon_momentum < 1.0:
@@ -261,6 +271,163 @@ class PhaseConfig:
                 f"{where}.muon_adjust_lr must be match_rms_adamw or original, not "
                 f"{self.muon_adjust_lr!r}"
             )
+
+
+@dataclass
+class PhaseSchedule:
+    """Phase section "schedule": the learning rate over the phase's optimizer steps."""
+
+    schedule: str = "cosine"
+    """``cosine``: warmup, then cosine to the floor; ``wsd``: warmup, constant, then a linear
+    decay to the floor over the last ``decay_frac`` of the steps (warmup-stable-decay)."""
+    warmup_frac: float = 0.03
+    """Share of the steps spent warming up linearly from 0, in [0, 1)."""
+    min_lr_ratio: float = 0.1
+    """Schedule floor relative to the peak: ``lr * min_lr_ratio``, in [0, 1]."""
+    decay_frac: float = 0.2
+    """wsd: share of the steps of the final decay, in (0, 1]."""
+
+    def _check_schedule(self, where: str) -> None:
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(
+                f"{where}.min_lr_ratio must be in [0, 1] (the floor is relative to the phase's "
+                f"peak lr), got {self.min_lr_ratio}"
+            )
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ConfigError(f"{where}.warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"{where}.schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}"
+            )
+        if not 0.0 < self.decay_frac <= 1.0:
+            raise ConfigError(f"{where}.decay_frac must be in (0, 1], got {self.decay_frac}")
+
+
+@dataclass
+class PhaseObjective:
+    """Phase section "objective and adapters": how tokens are weighted in the loss and which
+    weights train."""
+
+    rare_token_alpha: float = 0.0
+    """Rare-token loss weighting: weight ~ frequency^-alpha, clipped, mean 1; 0 = off."""
+    rare_token_max_weight: float = 4.0
+    """Upper clip of a token's loss weight (>= 1)."""
+    lora_rank: int = 0
+    """LoRA adapters of this rank on ``lora_targets`` (0 = off, full fine-tuning); merged into
+    the weights at the phase's end."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_rank``)."""
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.up", "mlp.down"]
+    )
+    """Projections that get adapters (names inside each block)."""
+
+    def _check_objective(self, where: str) -> None:
+        if self.rare_token_alpha < 0 or self.rare_token_max_weight < 1:
+            raise ConfigError(
+                f"{where}: rare_token_alpha must be >= 0 and rare_token_max_weight >= 1"
+            )
+
+
+@dataclass
+class PhaseCurriculum:
+    """Phase section "curriculum and freezing": the context length and the frozen bottom blocks
+    along the phase (both keyed by the fraction of its tokens)."""
+
+    curriculum: list[ContextStage] = field(default_factory=list)
+    """Context-length curriculum; empty = always ``seq_len``. Tokens per optimizer step stay
+    constant: at a shorter context the micro-batch grows (``micro_batch * seq_len / context``)."""
+    freeze: list[FreezeStage] = field(default_factory=list)
+    """Layer-freezing schedule; empty = nothing frozen. A checkpoint is kept before each freeze."""
+
+    def _check_curriculum(self, where: str, seq_len: int, micro_batch: int) -> None:
+        for i, c in enumerate(self.curriculum):
+            if not 0.0 <= c.at < 1.0:
+                raise ConfigError(f"{where}.curriculum[{i}].at must be in [0, 1), got {c.at}")
+            if c.seq_len <= 0 or c.seq_len > seq_len or (seq_len * micro_batch) % (c.seq_len):
+                raise ConfigError(
+                    f"{where}.curriculum[{i}].seq_len must be positive, at most seq_len "
+                    f"({seq_len}) and divide seq_len * micro_batch "
+                    f"({seq_len * micro_batch}) so tokens per step stay constant"
+                )
+        for i, f in enumerate(self.freeze):
+            if not 0.0 <= f.at < 1.0 or f.layers < 0:
+                raise ConfigError(
+                    f"{where}.freeze[{i}]: at must be in [0, 1) and layers >= 0, got {f}"
+                )
+
+
+@dataclass
+class PhaseEvaluation:
+    """Phase section "evaluation, sampling and checkpoints": what the phase measures, shows and
+    keeps while it trains (cadences in optimizer steps)."""
+
+    eval_every: int = 100
+    """Validation every this many optimizer steps; 0 = only at the end."""
+    eval_batches: int = 20
+    """Validation micro-batches per evaluation (fixed windows of the validation shard)."""
+    sample_every: int = 0
+    """Samples at evaluations on multiples of this many steps; 0 = at each evaluation."""
+    sample_tokens: int = 48
+    """New tokens per short sample."""
+    long_sample_tokens: int = 0
+    """New tokens of one long sample from the first prompt; 0 = no long samples."""
+    prompts: list[str] = field(default_factory=lambda: ["The", "It was a"])
+    """Prompts of the samples."""
+    save_every: int = 200
+    """A periodic checkpoint every this many optimizer steps; 0 = only at the end."""
+    keep_last: int = 2
+    """Periodic checkpoints kept per phase (the final one and those before a freeze stay)."""
+
+    def _check_evaluation(self, where: str) -> None:
+        if self.eval_batches <= 0:
+            raise ConfigError(f"{where}.eval_batches must be positive, got {self.eval_batches}")
+
+
+@dataclass
+class PhaseGuards:
+    """Phase section "guards": when training stops early or rolls back."""
+
+    plateau_patience: int = 0
+    """Stop early after this many evaluations without an improvement > ``plateau_min_delta``
+    (0 = never)."""
+    plateau_min_delta: float = 0.0
+    """The smallest drop of the validation loss that counts as an improvement."""
+    max_rollbacks: int = 3
+    """Divergence handling: a NaN/Inf loss or a grad-norm spike rolls back to the last good
+    checkpoint with half the LR and twice the warmup, at most this many times per phase."""
+    spike_factor: float = 0.0
+    """A grad norm above this many times its running mean is a spike (0 = off)."""
+
+
+#: PhaseConfig's sections in the order the documentation lists them.
+PHASE_SECTIONS = (
+    PhaseData,
+    PhaseOptimizer,
+    PhaseSchedule,
+    PhaseObjective,
+    PhaseCurriculum,
+    PhaseEvaluation,
+    PhaseGuards,
+)
+
+
+@dataclass
+class PhaseConfig(
+    PhaseGuards,
+    PhaseEvaluation,
+    PhaseCurriculum,
+    PhaseObjective,
+    PhaseSchedule,
+    PhaseOptimizer,
+    PhaseData,
+):
+    """One training phase: its data, budget and optimisation settings.
+
+    The fields are grouped into sections (:data:`PHASE_SECTIONS`), each a dataclass documenting
+    its fields; PhaseConfig inherits them all, so every key stays a flat key of the phase
+    (``[[phases]] lr = ...``, ``--set phases.0.lr=...``, ``config.json``) and code reads
+    ``phase.lr``. The bases are listed in reverse so the fields keep the sections' order."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -275,8 +442,14 @@ class PhaseConfig:
                 length = stage.seq_len
         return length
 
+    def micro_batch_for(self, context: int) -> int:
+        """Windows per micro-batch at context length ``context``: the configured tokens per
+        micro-batch (``micro_batch * seq_len``) stay constant under the curriculum."""
+        return self.micro_batch * self.seq_len // context
+
     def micro_batch_at(self, step: int) -> int:
-        return self.micro_batch * self.seq_len // self.context_at(step)
+        """Windows per micro-batch at optimizer step ``step`` (0-based)."""
+        return self.micro_batch_for(self.context_at(step))
 
     def frozen_at(self, step: int) -> int:
         """Number of bottom blocks frozen at optimizer step ``step`` (0-based)."""
@@ -292,32 +465,10 @@ class PhaseConfig:
         return max(1, self.tokens // self.tokens_per_step)
 
     def validate(self, where: str) -> None:
-        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"{where}.name must be a simple name (letters, digits, - _)")
-        if not self.sources:
-            raise ConfigError(f"{where}.sources must list at least one source")
-        for i, src in enumerate(self.sources):
-            src.validate(f"{where}.sources[{i}]")
-        for name in ("tokens", "seq_len", "micro_batch", "grad_accum", "eval_batches"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{where}.{name} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"{where}.lr must be positive, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(
-                f"{where}.min_lr_ratio must be in [0, 1] (the floor is relative to the phase's "
-                f"peak lr), got {self.min_lr_ratio}"
-            )
-        if not 0.0 <= self.warmup_frac < 1.0:
-            raise ConfigError(f"{where}.warmup_frac must be in [0, 1), got {self.warmup_frac}")
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ConfigError(f"{where}.val_fraction must be in (0, 0.5), got {self.val_fraction}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(
-                f"{where}.optimizer must be one of {', '.join(OPTIMIZERS)}, not "
-                f"{self.optimizer!r}"
-            )
-        self._validate_recipe(where)
+        self._check_data(where)
+        self._check_optimizer(where)
+        self._check_schedule(where)
+        self._check_evaluation(where)
         for name in (
             "eval_every",
             "save_every",
@@ -327,42 +478,12 @@ class PhaseConfig:
             "lora_rank",
             "max_rollbacks",
             "long_sample_tokens",
+            "spike_factor",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}.{name} must be >= 0")
-        if self.kind not in ("pretrain", "finetune"):
-            raise ConfigError(f"{where}.kind must be pretrain or finetune, not {self.kind!r}")
-        for kind in self.exclude_kinds:
-            if kind not in TEXT_KINDS:
-                raise ConfigError(
-                    f"{where}.exclude_kinds: unknown kind {kind!r} (known: {', '.join(TEXT_KINDS)})"
-                )
-        for i, c in enumerate(self.curriculum):
-            if not 0.0 <= c.at < 1.0:
-                raise ConfigError(f"{where}.curriculum[{i}].at must be in [0, 1), got {c.at}")
-            if (
-                c.seq_len <= 0
-                or c.seq_len > self.seq_len
-                or (self.seq_len * self.micro_batch) % (c.seq_len)
-            ):
-                raise ConfigError(
-                    f"{where}.curriculum[{i}].seq_len must be positive, at most seq_len "
-                    f"({self.seq_len}) and divide seq_len * micro_batch "
-                    f"({self.seq_len * self.micro_batch}) so tokens per step stay constant"
-                )
-        for i, f in enumerate(self.freeze):
-            if not 0.0 <= f.at < 1.0 or f.layers < 0:
-                raise ConfigError(
-                    f"{where}.freeze[{i}]: at must be in [0, 1) and layers >= 0, got {f}"
-                )
-        if self.rare_token_alpha < 0 or self.rare_token_max_weight < 1:
-            raise ConfigError(
-                f"{where}: rare_token_alpha must be >= 0 and rare_token_max_weight >= 1"
-            )
-        if self.spike_factor < 0:
-            raise ConfigError(f"{where}.spike_factor must be >= 0")
-        if not 0.0 <= self.replay < 1.0:
-            raise ConfigError(f"{where}.replay must be in [0, 1), got {self.replay}")
+        self._check_curriculum(where, self.seq_len, self.micro_batch)
+        self._check_objective(where)
 
 
 @dataclass
@@ -768,8 +889,9 @@ def config_to_json(cfg: RunConfig) -> str:
     return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
 
 
-def config_from_json(text: str) -> RunConfig:
-    return config_from_dict(json.loads(text), "config.json")
+def config_from_json(text: str, origin_file: str = "") -> RunConfig:
+    """A config from its JSON form; ``origin_file`` names it in errors."""
+    return config_from_dict(json.loads(text), origin_file)
 
 
 # --------------------------------------------------------------------------- comparing configs

@@ -17,10 +17,11 @@ from deeplm.config import config_from_dict
 from deeplm.data.offline import iter_offline
 from deeplm.data.shards import Shard, tokenize_to_shard
 from deeplm.data.sources import SourceError
-from deeplm.model import describe, generate
+from deeplm.model import build_model, describe, generate
+from deeplm.run import checkpoint as ckpt
+from deeplm.run.layout import RunLayout
 from deeplm.tokenizer import train_tokenizer
-from deeplm.train import checkpoint as ckpt
-from deeplm.train.trainer import PhaseTrainer, TrainHooks, build_model
+from deeplm.train.trainer import PhaseTrainer, TrainHooks
 
 SMOKE_CONFIG = {
     "name": "smoke",
@@ -75,8 +76,11 @@ def run_smoke_test(log=print) -> dict[str, float]:
     log(f"model: {describe(cfg.model)}")
     with tempfile.TemporaryDirectory(prefix="deeplm-smoke-") as tmp:
         run_dir = Path(tmp)
+        layout = RunLayout(run_dir)
+        phase = cfg.phases[0].name
         texts = _smoke_texts()
-        docs = run_dir / "docs.jsonl"
+        docs = layout.docs(phase, "train")
+        docs.parent.mkdir(parents=True)
         docs.write_text(
             "".join(
                 json.dumps({"text": t[i : i + 2000]}) + "\n"
@@ -84,10 +88,10 @@ def run_smoke_test(log=print) -> dict[str, float]:
                 for i in range(0, len(t), 2000)
             )
         )
-        tok = train_tokenizer(texts, cfg.tokenizer, run_dir / "tokenizer.json")
+        tok = train_tokenizer(texts, cfg.tokenizer, layout.tokenizer)
         assert tok.decode(tok.encode(texts[0][:500])) == texts[0][:500], "tokenizer round trip"
-        tokenize_to_shard(docs, tok, run_dir / "shards" / "train")
-        shard = Shard.open(run_dir / "shards" / "train", tok.hash)
+        tokenize_to_shard(docs, tok, layout.shard(phase, "train"))
+        shard = Shard.open(layout.shard(phase, "train"), tok.hash)
         log(f"tokenizer + shard: {shard.n_tokens:,} tokens")
 
         trainer = PhaseTrainer(

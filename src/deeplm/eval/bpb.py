@@ -21,8 +21,8 @@ from torch import nn
 
 from deeplm.data.loader import eval_batches
 from deeplm.data.shards import Shard
+from deeplm.device import autocast_context
 from deeplm.tokenizer import Tokenizer
-from deeplm.train.device import autocast_context
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:

@@ -21,32 +21,19 @@ import torch
 from deeplm.config import RunConfig
 from deeplm.data.shards import Shard, is_shard_complete
 from deeplm.eval.perplexity import evaluate_loss
+from deeplm.export.loading import load_checkpoint
+from deeplm.run.layout import RunLayout
 from deeplm.tokenizer import Tokenizer
-from deeplm.train import checkpoint as ckpt
 
 # A later phase may raise an earlier phase's validation loss by at most this many nats (per
 # token) before the report and ``deeplm eval`` warn about it.
 FORGETTING_MARGIN = 0.1
 
 
-def phase_final_checkpoints(run_dir: Path, cfg: RunConfig) -> dict[str, Path]:
-    """The final checkpoint of every phase that has one, by phase name."""
-    from deeplm.train.trainer import phase_dir
-
-    out: dict[str, Path] = {}
-    for i, phase in enumerate(cfg.phases):
-        latest = ckpt.latest_checkpoint(phase_dir(run_dir, i, phase))
-        if latest is not None and latest.meta.get("final"):
-            out[phase.name] = latest.path
-    return out
-
-
 def _val_shards(run_dir: Path, cfg: RunConfig, tok: Tokenizer) -> dict[str, Shard]:
-    from deeplm.workflows.activities import shard_prefix
-
     shards = {}
     for phase in cfg.phases:
-        prefix = shard_prefix(run_dir, phase.name, "val")
+        prefix = RunLayout(run_dir).shard(phase.name, "val")
         if is_shard_complete(prefix, tok.hash):
             shards[phase.name] = Shard.open(prefix, tok.hash)
     return shards
@@ -61,18 +48,13 @@ def forgetting_matrix(
 ) -> dict[str, dict[str, float]]:
     """``{earlier phase: {phase whose final model was evaluated: val loss}}`` for every pair
     of phases ``k <= j`` that both have data and a final checkpoint."""
-    from deeplm.train.trainer import build_model
-
-    finals = phase_final_checkpoints(run_dir, cfg)
+    finals = RunLayout(run_dir).final_checkpoints(cfg)
     shards = _val_shards(run_dir, cfg, tok)
     matrix: dict[str, dict[str, float]] = {p.name: {} for p in cfg.phases if p.name in shards}
     for j, later in enumerate(cfg.phases):
         if later.name not in finals:
             continue
-        model = build_model(cfg, cfg.seed)
-        model.set_grad_checkpointing(False)
-        ckpt.load_weights(finals[later.name], model)
-        model.to(device).eval()
+        model = load_checkpoint(cfg, finals[later.name], device)
         for earlier in cfg.phases[: j + 1]:
             if earlier.name not in shards:
                 continue

@@ -9,7 +9,7 @@ from torch import nn
 
 from deeplm.data.loader import eval_batches
 from deeplm.data.shards import Shard
-from deeplm.train.device import autocast_context
+from deeplm.device import autocast_context
 
 
 @torch.no_grad()
@@ -32,7 +32,7 @@ def evaluate_loss(
         for x, y in eval_batches(shard, seq_len, micro_batch, n_batches):
             x, y = x.to(device), y.to(device)
             with autocast_context(device, dtype):
-                _, loss = model(x, y, return_logits=False)
+                loss, _ = model.loss(x, y)
             total += loss.double() * x.shape[0]
             count += x.shape[0]
     finally:

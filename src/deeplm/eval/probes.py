@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 from deeplm.atomic import sha256_bytes
 from deeplm.data.shards import Shard
+from deeplm.device import autocast_context
 from deeplm.model.transformer import Transformer
 from deeplm.tokenizer import Tokenizer
-from deeplm.train.device import autocast_context
 
 DEFAULT_PROBES = "probes_v1.json"
 

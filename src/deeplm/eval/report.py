@@ -1,33 +1,36 @@
-"""The run report: the final model evaluated by the suite (:mod:`deeplm.eval.suite`): loss,
-perplexity and bits per byte on every phase's validation data, behavioral probes, grammar
-accuracy, vocabulary richness, a table of samples, stage timings, and loss curves rendered to PNG
-(all phases in one figure plus one per phase), written to ``<run_dir>/report.md`` with the full
-results in ``<run_dir>/report/eval.json``.
+"""The evaluation report: renders the results of the suite (:mod:`deeplm.eval.suite`) as
+Markdown — loss, perplexity and bits per byte on every phase's validation data, forgetting,
+behavioral probes, grammar accuracy, vocabulary richness, a table of samples, stage timings — and
+the loss curves as PNG (all phases in one figure plus one per phase).
 
-The pipeline's ``evaluate`` stage calls :func:`evaluate_run`; it runs the suite with the caps of
-:meth:`SuiteOptions.quick` (override with ``ctx.extra["eval_options"]``, a
-:class:`~deeplm.eval.suite.SuiteOptions`), while ``deeplm eval`` runs all of it.
+:func:`deeplm.eval.suite.evaluate` writes it: the pipeline's ``evaluate`` stage to
+``<run_dir>/report.md`` (results in ``<run_dir>/report/eval.json``), ``deeplm eval`` to
+``<run_dir>/eval/``.
 """
 
 from __future__ import annotations
 
-import time
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from deeplm.atomic import atomic_write_text
 from deeplm.config import RunConfig
 from deeplm.eval.forgetting import warning_line
-from deeplm.eval.suite import SuiteOptions, run_suite, summary, write_results
+from deeplm.run.layout import RunLayout
+from deeplm.run.state_db import StateDB
 from deeplm.tokenizer import Tokenizer
-from deeplm.train import checkpoint as ckpt
-from deeplm.train.device import autocast_dtype, select_device
-from deeplm.train.metrics import read_jsonl
-from deeplm.train.trainer import build_model
 
-if TYPE_CHECKING:
-    from deeplm.workflows.activities import RunContext
-    from deeplm.workflows.state_db import StateDB
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (a torn or invalid line is skipped; none: [])."""
+    out = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
 
 
 def plot_losses(
@@ -35,6 +38,7 @@ def plot_losses(
 ) -> bool:
     """Render train and validation loss per phase to one PNG; False when there is nothing.
     Phases in ``replayed`` train partly on earlier phases' text, and their train curve says so."""
+    # imported here: matplotlib takes a second to import, and only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,7 +48,7 @@ def plot_losses(
     fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.5), squeeze=False)
     drawn = False
     for ax, name in zip(axes[0], phases):
-        recs = read_jsonl(run_dir / "metrics" / f"{name}.jsonl")
+        recs = read_jsonl(RunLayout(run_dir).metrics(name))
         tr = [(r["tokens"], r["loss"]) for r in recs if r.get("loss") is not None]
         va = [(r["tokens"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
         unw = [(r["tokens"], r["loss_unweighted"]) for r in recs if "loss_unweighted" in r]
@@ -311,51 +315,3 @@ def _richness_lines(r: dict[str, Any]) -> list[str]:
         if any(key in c for _, c in cols):
             lines.append(f"| {label} | " + " | ".join(_f(c.get(key), fmt) for _, c in cols) + " |")
     return lines
-
-
-def evaluate_run(ctx: RunContext) -> dict[str, Any]:
-    """The pipeline's evaluate stage: the suite on the last phase's final checkpoint, written to
-    ``report.md`` + ``report/eval.json`` (recorded as an artifact, with an ``eval`` event)."""
-    from deeplm.workflows.activities import final_checkpoint_of, load_run_tokenizer
-
-    cfg, run_dir = ctx.cfg, ctx.run_dir
-    tok = load_run_tokenizer(ctx)
-    last = len(cfg.phases) - 1
-    final = final_checkpoint_of(ctx, last)
-    if final is None:
-        raise RuntimeError("evaluate needs the last phase's final checkpoint; train first")
-    device = select_device(cfg.train.device)
-    dtype = autocast_dtype(device, cfg.train.precision)
-    model = build_model(cfg, cfg.seed)
-    model.set_grad_checkpointing(False)
-    ckpt.load_weights(final, model)
-    model.to(device).eval()
-    options = ctx.extra.get("eval_options") or SuiteOptions.quick()
-    t0 = time.perf_counter()
-
-    def on_part(part: str, done: int, total: int) -> None:
-        cursor = {"part": part, "parts_done": done, "parts_total": total}
-        ctx.db.set_cursor("evaluate", cursor)
-        ctx.progress({"stage": "evaluate", **cursor})
-
-    results = run_suite(model, tok, cfg, run_dir, device, dtype, options, on_part)
-    results["checkpoint"] = str(final)
-    report_dir = run_dir / "report"
-    pngs = write_loss_plots(run_dir, cfg, report_dir)
-    eval_json = report_dir / "eval.json"
-    write_results(eval_json, results)
-    text = render_report(
-        cfg, results, tok, final, ctx.db, [(n, str(p.relative_to(run_dir))) for n, p in pngs]
-    )
-    atomic_write_text(run_dir / "report.md", text)
-    for w in results.get("forgetting", {}).get("warnings", []):
-        ctx.log(f"[evaluate] {warning_line(w)}")
-    head = summary(results)
-    ctx.db.record_artifact(eval_json, "eval", "evaluate", {"checkpoint": str(final)})
-    ctx.db.log_event("evaluate", "eval", f"evaluated {final}", head)
-    return head | {
-        "samples": results["samples"],
-        "report": str(run_dir / "report.md"),
-        "eval_json": str(eval_json),
-        "seconds": time.perf_counter() - t0,
-    }

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)*")
@@ -28,11 +28,13 @@ def words(text: str) -> list[str]:
     return WORD_RE.findall(text.lower())
 
 
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Unique word n-grams over all n-grams of ``texts`` (0.0 when there are none)."""
+def distinct_n(texts: Sequence[str], n: int, split: Callable[[str], list[str]] = words) -> float:
+    """Unique word n-grams over all n-grams of ``texts`` (0.0 when there are none); ``split``
+    cuts a text into words (default :func:`words`; the training loop's samples use
+    ``str.split``, as its logged ``distinct_1``/``distinct_2`` always have)."""
     grams: list[tuple[str, ...]] = []
     for t in texts:
-        w = words(t)
+        w = split(t)
         grams += [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 

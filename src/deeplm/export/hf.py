@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +142,6 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dic
 
 
 def _model_dict(cfg: ModelConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
     return asdict(cfg)
 
 

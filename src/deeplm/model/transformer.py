@@ -277,7 +277,7 @@ class Transformer(nn.Module):
         self.grad_checkpointing = bool(flag)
 
     def set_loss_head(self, head: str) -> None:
-        """How the training loss (``return_logits=False``) goes through the output head:
+        """How the training loss (:meth:`loss`) goes through the output head:
         ``"chunked"`` (:func:`~deeplm.model.fused_loss.linear_cross_entropy`, no full logits
         tensor) or ``"logits"`` (full logits then :func:`lm_loss`; one graph under compile)."""
         if head not in ("chunked", "logits"):
@@ -299,20 +299,38 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward passes
 
     def forward(
-        self,
-        idx: Tensor,
-        targets: Tensor | None = None,
-        loss_weights: Tensor | None = None,
-        return_logits: bool = True,
+        self, idx: Tensor, targets: Tensor | None = None, loss_weights: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """``idx`` ``[B, T]`` (T <= max_seq_len) -> (float32 logits ``[B, T, V]``, loss or None).
 
-        ``return_logits=False`` (with ``targets``): the loss goes through the training head
-        (:meth:`set_loss_head`; by default
-        :func:`~deeplm.model.fused_loss.linear_cross_entropy`, chunked, without the full logits
-        tensor), and the first element is the detached *unweighted* loss instead of the logits
-        (equal to the loss without ``loss_weights``). Training uses this; it saves gigabytes.
+        The loss (with ``targets``) is :func:`lm_loss` over the full logits. Training, which needs
+        no logits, uses :meth:`loss` instead.
         """
+        logits = self.lm_head(self._hidden(idx)).float()
+        loss = None if targets is None else lm_loss(logits, targets, loss_weights)
+        return logits, loss
+
+    def loss(
+        self, idx: Tensor, targets: Tensor, loss_weights: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(loss, detached unweighted loss) of ``idx`` ``[B, T]`` against ``targets``, through
+        the training head (:meth:`set_loss_head`): ``chunked`` (default,
+        :func:`~deeplm.model.fused_loss.linear_cross_entropy`: chunked over the vocabulary, the
+        full logits tensor never exists, gigabytes saved) or ``logits`` (full logits, then
+        :func:`lm_loss`; one graph under compile). Without ``loss_weights`` the two values are
+        equal. Wrappers that only intercept ``__call__`` (DDP, ``torch.compile``) reach this
+        through :class:`TrainingLoss`."""
+        x = self._hidden(idx)
+        if self.loss_head == "logits":
+            logits = self.lm_head(x)
+            loss = lm_loss(logits, targets, loss_weights)
+            plain = loss if loss_weights is None else lm_loss(logits.detach(), targets)
+            return loss, plain.detach()
+        return linear_cross_entropy(x, self.lm_head.weight, targets, loss_weights)
+
+    def _hidden(self, idx: Tensor) -> Tensor:
+        """The final-norm hidden states ``[B, T, d]`` of ``idx``: the frozen bottom blocks run
+        without autograd, the others with optional activation checkpointing."""
         t = idx.size(1)
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -330,19 +348,7 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)
-        x = self.norm_f(x)
-        head = self.lm_head
-        if targets is not None and not return_logits and head.bias is None:
-            if self.loss_head == "logits":
-                logits = head(x)
-                loss = lm_loss(logits, targets, loss_weights)
-                plain = loss if loss_weights is None else lm_loss(logits.detach(), targets)
-                return plain.detach(), loss
-            loss, unweighted = linear_cross_entropy(x, head.weight, targets, loss_weights)
-            return unweighted, loss
-        logits = head(x).float()
-        loss = None if targets is None else lm_loss(logits, targets, loss_weights)
-        return logits, loss
+        return self.norm_f(x)
 
     def forward_with_cache(self, idx: Tensor, kv_cache: KVCache, start_pos: int) -> Tensor:
         """Incremental forward: ``idx`` ``[B, T]`` holds the tokens at positions
@@ -356,6 +362,21 @@ class Transformer(nn.Module):
             # otherwise recompile per layer index and decode length; decoding runs eager.
             x = block.forward(x, cos, sin, kv_cache, start_pos)
         return self.lm_head(self.norm_f(x)).float()
+
+
+class TrainingLoss(nn.Module):
+    """``model.loss`` as a module's ``forward``: what DDP (or ``torch.compile``) wraps in
+    training, so the wrapper's ``__call__`` reaches the chunked loss. It owns no parameters of its
+    own; ``model``'s are registered under ``model.``."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, idx: Tensor, targets: Tensor, loss_weights: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self.model.loss(idx, targets, loss_weights)
 
 
 # ---------------------------------------------------------------------- config-level helpers

@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from deeplm.config import COMPILE_MODES, PhaseConfig, TrainConfig
-from deeplm.train.device import compile_supported
+from deeplm.device import compile_supported
+from deeplm.model import TrainingLoss, Transformer
 
 #: ``train.micro_batch_tokens = 0`` on CUDA: micro-batches of up to this many tokens.
 CUDA_MICRO_BATCH_TOKENS = 32_768
@@ -92,31 +93,34 @@ class _StepBoundary(nn.Module):
         return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
 
 
-def compile_for_training(model: nn.Module, plan: StepPlan) -> nn.Module:
-    """The module to call for training steps under ``plan``.
+def compile_for_training(model: Transformer, plan: StepPlan) -> nn.Module:
+    """The module to call for training steps under ``plan``: ``(idx, targets, weights) ->
+    (loss, unweighted loss)``, i.e. :meth:`Transformer.loss` as a module
+    (:class:`~deeplm.model.TrainingLoss`), which DDP can wrap and ``torch.compile`` compiles.
 
     ``block``: each block is compiled in place (``Module.compile``); the 60 blocks share one code
     object and so one graph per (context length, frozen/trainable) pair; evaluation and
-    generation run the compiled blocks too. ``model``: ``torch.compile`` of the whole model,
+    generation run the compiled blocks too. ``model``: ``torch.compile`` of the whole loss,
     returned as a wrapper sharing the model's parameters (evaluation keeps the eager model); a
     new context length or frozen-layer count recompiles once. Never compiles twice.
     """
+    loss = TrainingLoss(model)
     if not plan.compile:
-        return model
+        return loss
     if torch._dynamo.config.cache_size_limit < 64:
         torch._dynamo.config.cache_size_limit = 64
     mode = None if plan.mode == "default" else plan.mode
     if plan.scope == "model":
-        compiled = torch.compile(model, dynamic=False, mode=mode)
+        compiled = torch.compile(loss, dynamic=False, mode=mode)
         return (
             _StepBoundary(compiled)
             if plan.mode in ("reduce-overhead", "max-autotune")
             else compiled
         )
-    for block in model.blocks:  # type: ignore[attr-defined]
+    for block in model.blocks:
         if not _is_compiled(block):
             block.compile(dynamic=False, mode=mode)
-    return model
+    return loss
 
 
 def _is_compiled(module: nn.Module) -> bool:

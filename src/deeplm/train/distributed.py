@@ -46,6 +46,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,19 +55,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from deeplm.atomic import atomic_write_text
 from deeplm.config import PhaseConfig, RunConfig, TrainConfig, config_to_json
-from deeplm.data.loader import PackedBatches
+from deeplm.data.shards import Shard
+from deeplm.device import select_device
 from deeplm.model import Transformer
-from deeplm.train import checkpoint as ckpt
-from deeplm.train.device import select_device
-from deeplm.train.trainer import (
-    PhaseOutcome,
-    PhaseTrainer,
-    TrainHooks,
-    phase_dir,
-)
+from deeplm.run import checkpoint as ckpt
+from deeplm.run.layout import RunLayout
+from deeplm.tokenizer import Tokenizer
+from deeplm.train.hooks import TrainHooks
+from deeplm.train.parallel import LossFn, Parallel
+from deeplm.train.trainer import PhaseOutcome, PhaseTrainer
 
 # Lines the rank-0 worker prints for the launching process (progress, events): prefix + JSON.
 EVENT_PREFIX = "@@deeplm-dist "
@@ -119,7 +128,7 @@ def init_distributed(device_pref: str = "auto") -> tuple[DistEnv, torch.device]:
     """Join the process group torchrun describes; return this rank's place and device.
 
     CUDA (``auto`` or ``cuda`` with GPUs present): ``nccl`` and ``cuda:LOCAL_RANK``. Otherwise
-    ``gloo`` on the device :func:`~deeplm.train.device.select_device` picks (CPU in practice).
+    ``gloo`` on the device :func:`~deeplm.device.select_device` picks (CPU in practice).
     Idempotent: an already initialised group is reused.
     """
     env = env_from_environ()
@@ -251,7 +260,7 @@ def torchrun_command(
 
 def dist_dir(run_dir: Path, phase_idx: int, phase: PhaseConfig) -> Path:
     """Small files between the launcher and the ranks (stop request, result) for one phase."""
-    return run_dir / "dist" / f"{phase_idx + 1}-{phase.name}"
+    return RunLayout(run_dir).dist_dir(phase_idx, phase.name)
 
 
 def emit(kind: str, payload: dict[str, Any]) -> None:
@@ -301,188 +310,194 @@ def split_batch(phase: PhaseConfig, world: int) -> tuple[int, int]:
     )
 
 
-class _NullMetrics:
-    """The metrics sink of ranks other than 0."""
-
-    def log(self, record: dict[str, Any]) -> None:
-        pass
-
-    def log_text(self, tag: str, text: str, step: int) -> None:
-        pass
-
-    def truncate_after(self, step: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+# ---------------------------------------------------------------------------- parallelize
 
 
-# ---------------------------------------------------------------------------- trainer
+class DataParallel(Parallel):
+    """What a torchrun job (DDP or FSDP2) changes in :class:`PhaseTrainer` (see the module doc
+    and :class:`~deeplm.train.parallel.Parallel`): the phase split over the ranks, the model
+    wrapped (DDP, rebuilt when the frozen layers change) or sharded (FSDP2), gradients
+    synchronised on a step's last micro-batch, losses averaged and evaluations broadcast, rank 0
+    alone reporting, sampling and writing checkpoints in the single-process format."""
 
+    distributed = True
 
-class DistributedPhaseTrainer(PhaseTrainer):
-    """:class:`PhaseTrainer` on every rank of a torchrun job (DDP or FSDP2; see module doc)."""
-
-    def __init__(self, cfg: RunConfig, phase_idx: int, *args: Any, **kwargs: Any):
-        self.env = current_env()
-        if not self.env.is_main:
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
-        super().__init__(cfg, phase_idx, *args, **kwargs)
-        self.parallel = cfg.train.parallel
-        if self.parallel == "fsdp2" and self.phase.lora_rank > 0:
-            raise DistributedConfigError(
-                f"phase {self.phase.name!r}: LoRA is not supported with train.parallel = 'fsdp2'"
-                " (the adapters are small: use 'ddp')"
-            )
-        world = self.env.world_size
-        ga, self.micro_div = split_batch(self.phase, world)
-        if ga != self.phase.grad_accum:
-            values = {f.name: getattr(self.phase, f.name) for f in dataclasses.fields(self.phase)}
-            values["grad_accum"] = ga
-            self.phase = _RankPhase(**values, global_grad_accum=self.phase.grad_accum)
-        outer = self.hooks
-        main = self.env.is_main
-        self.hooks = TrainHooks(
-            on_progress=outer.on_progress if main else lambda info: None,
-            should_stop=lambda: broadcast_flag(outer.should_stop() if main else False),
-            log=outer.log if main else lambda s: None,
-            on_event=outer.on_event if main else lambda kind, msg, data: None,
-        )
+    def __init__(self, env: DistEnv, mode: str):
+        self.env = env
+        self.mode = mode
+        self.is_main = env.is_main
+        self.rank = env.rank
+        self.world_size = env.world_size
+        self.micro_div = 1
+        self._device = torch.device("cpu")
         self._wrapped: nn.Module | None = None
         self._wrapped_key: tuple[int, int] | None = None
-        self._micro = 0
         self._plain: Transformer | None = None
-        self._osd_cache: dict[str, Any] | None = None
 
-    # -------------------------------------------------------------- model wrapping
+    @property
+    def fsdp(self) -> bool:
+        return self.mode == "fsdp2" and self.world_size > 1
 
-    def _wrap(self) -> nn.Module:
-        """The DDP wrapper of ``self.model`` (FSDP2: the sharded model itself). Rebuilt when the
-        model object or the frozen-layer count changes (DDP registers the trainable parameters
-        once, at construction)."""
-        if self.parallel == "fsdp2" or self.env.world_size == 1:
-            return self.model
-        key = (id(self.model), self.model.n_frozen)
+    # -------------------------------------------------------------- the phase and its data
+
+    def rank_phase(self, phase: PhaseConfig) -> PhaseConfig:
+        if self.mode == "fsdp2" and phase.lora_rank > 0:
+            raise DistributedConfigError(
+                f"phase {phase.name!r}: LoRA is not supported with train.parallel = 'fsdp2'"
+                " (the adapters are small: use 'ddp')"
+            )
+        ga, self.micro_div = split_batch(phase, self.world_size)
+        if ga == phase.grad_accum:
+            return phase
+        values = {f.name: getattr(phase, f.name) for f in dataclasses.fields(phase)}
+        values["grad_accum"] = ga
+        return _RankPhase(**values, global_grad_accum=phase.grad_accum)
+
+    def loader_args(self, micro_batch: int) -> dict[str, int]:
+        return {
+            "micro_batch": micro_batch // self.micro_div,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def hooks(self, hooks: TrainHooks) -> TrainHooks:
+        """Rank 0 reports; the stop decision is rank 0's, broadcast (all stop at one step)."""
+        main = self.is_main
+        return TrainHooks(
+            on_progress=hooks.on_progress if main else lambda info: None,
+            should_stop=lambda: broadcast_flag(hooks.should_stop() if main else False),
+            log=hooks.log if main else lambda s: None,
+            on_event=hooks.on_event if main else lambda kind, msg, data: None,
+        )
+
+    def before_resume(self, phase_dir: Path) -> None:
+        """Rank 0 verifies the checkpoints first (moving a corrupted one aside), so every rank
+        then finds the same newest checkpoint to resume from."""
+        if self.world_size > 1:
+            if self.is_main:
+                ckpt.latest_checkpoint(phase_dir)
+            barrier()
+
+    # -------------------------------------------------------------- the model
+
+    def prepare(self, model: nn.Module, device: torch.device) -> None:
+        """FSDP2: shard every block, then the root (embedding, final norm, head), and make
+        ``model.loss`` a forward method of the root. DDP wraps lazily (:meth:`micro_batch`)."""
+        self._device = device
+        self._wrapped = None
+        if self.fsdp:
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
+            register_fsdp_forward_method(model, "loss")
+
+    def _wrap(self, loss_module: nn.Module) -> nn.Module:
+        """The DDP wrapper of the loss module (:class:`~deeplm.model.TrainingLoss`). Rebuilt
+        when the module or the frozen-layer count changes (DDP registers the trainable
+        parameters once)."""
+        key = (id(loss_module), loss_module.model.n_frozen)
         if self._wrapped is None or self._wrapped_key != key:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self._wrapped = DDP(self.model, device_ids=ids)
+            ids = [self._device.index] if self._device.type == "cuda" else None
+            self._wrapped = DDP(loss_module, device_ids=ids)
             self._wrapped_key = key
         return self._wrapped
 
-    def _shard(self) -> None:
-        """FSDP2: shard every block, then the root (embedding, final norm, head)."""
-        from torch.distributed.fsdp import fully_shard
-
-        for block in self.model.blocks:
-            fully_shard(block)
-        fully_shard(self.model)
-
-    def _setup(self, existing: ckpt.Checkpoint | None) -> tuple[int, int]:
-        self._micro = 0
-        self._wrapped = None
-        return super()._setup(existing)
-
-    def _fsdp(self) -> bool:
-        return self.parallel == "fsdp2" and self.env.world_size > 1
-
-    def _prepare_model(self) -> None:
-        if self._fsdp():
-            self._shard()
-
-    def _optimizer_state(self, saved: dict[str, Any]) -> dict[str, Any]:
-        return self._fqn_optimizer_state(saved) if self._fsdp() else saved
-
-    def _distributed(self) -> bool:
-        return True
-
-    def _compiled(self) -> nn.Module:
-        super()._compiled()
-        return self._wrap()
-
-    def _make_loader(self, seq_len: int, step: int) -> PackedBatches:
-        micro_batch = self.phase.micro_batch * self.phase.seq_len // seq_len // self.micro_div
-        return PackedBatches(
-            self.train_shard,
-            seq_len,
-            micro_batch,
-            seed=self.cfg.seed + 1000 * self.phase_idx,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            pin_memory=self.device.type == "cuda",
-        )
-
-    def _forward_loss(self, model, x, y) -> tuple[torch.Tensor, torch.Tensor]:
-        """One micro-batch: gradients are all-reduced only on the step's last micro-batch. The
-        returned losses carry the rank's gradient but the value averaged over ranks, so logging,
-        NaN checks and rollbacks see (and agree on) the global loss."""
-        self._micro += 1
-        last = self._micro % self.phase.grad_accum == 0
-        model = self._wrap()
-        if self.env.world_size == 1:
-            return super()._forward_loss(model, x, y)
-        if self.parallel == "fsdp2":
-            model.set_requires_gradient_sync(last)
-            loss, unweighted = super()._forward_loss(model, x, y)
-        elif last:
-            loss, unweighted = super()._forward_loss(model, x, y)
+    @contextmanager
+    def micro_batch(self, loss_module: nn.Module, last: bool) -> Iterator[LossFn]:
+        """Gradients are all-reduced only on the step's last micro-batch."""
+        if self.world_size == 1:
+            yield loss_module
+        elif self.mode == "fsdp2":
+            loss_module.model.set_requires_gradient_sync(last)
+            yield loss_module
         else:
-            with model.no_sync():
-                loss, unweighted = super()._forward_loss(model, x, y)
+            wrapped = self._wrap(loss_module)
+            if last:
+                yield wrapped
+            else:
+                with wrapped.no_sync():
+                    yield wrapped
+
+    def reduce_losses(
+        self, loss: torch.Tensor, unweighted: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The losses keep the rank's gradient but take the value averaged over ranks, so
+        logging, NaN checks and rollbacks see (and agree on) the global loss."""
+        if self.world_size == 1:
+            return loss, unweighted
         mean = all_reduce_mean(torch.stack([loss.detach(), unweighted.detach()]).float())
         loss = loss + (mean[0] - loss).detach()
         unweighted = unweighted + (mean[1] - unweighted).detach()
         return loss, unweighted
 
-    # -------------------------------------------------------------- eval / samples
+    def agree(self, value: float) -> float:
+        return broadcast_float(value)
 
-    def _evaluate(self, step: int, tokens: int) -> float:
-        return broadcast_float(super()._evaluate(step, tokens))
-
-    def _samples(self, step: int) -> list[dict[str, str]]:
+    def sampling_model(self, model: nn.Module) -> nn.Module | None:
         """Rank 0 samples. FSDP2: generation's cached decoding does not go through the sharded
         forward, so every rank gathers the full weights and rank 0 samples with a plain copy."""
-        if self.parallel == "fsdp2" and self.env.world_size > 1:
-            full = self._full_model()
-            if full is None:
-                return []
-            sharded, self.model = self.model, full
-            try:
-                return super()._samples(step)
-            finally:
-                self.model = sharded
-        return super()._samples(step) if self.env.is_main else []
+        if self.fsdp:
+            return self._full_model(model)
+        return model if self.is_main else None
 
-    def _full_model(self) -> Transformer | None:
+    def _full_model(self, model: nn.Module) -> Transformer | None:
         """FSDP2 (collective): the full weights gathered into a plain model on rank 0 (None on
         the other ranks). Built outside the training RNG, so exact resume is unaffected."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
-
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        msd = get_model_state_dict(self.model, options=opts)
-        if not self.env.is_main:
+        msd = get_model_state_dict(model, options=opts)
+        if not self.is_main:
             return None
         if self._plain is None:
             with torch.random.fork_rng(devices=[]):
-                self._plain = Transformer(self.cfg.model).to(self.device)
+                self._plain = Transformer(model.cfg).to(self._device)
         self._plain.load_state_dict(msd)
-        self._plain.set_frozen_layers(self.model.n_frozen)
+        self._plain.set_frozen_layers(model.n_frozen)
         return self._plain
 
     # -------------------------------------------------------------- checkpoints
 
-    def _param_fqns(self) -> list[str]:
-        """Names of the optimizer's parameters in its own order (= state-dict indices)."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        return [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+    def gather_for_save(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module | None, dict[str, Any] | None]:
+        """Rank 0 writes the checkpoint (single-process format; FSDP2: after gathering the full
+        model and optimizer state); all ranks meet at a barrier before and after."""
+        if self.world_size == 1:
+            return model, optimizer.state_dict()
+        barrier()
+        if self.mode == "fsdp2":
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            plain = self._full_model(model)
+            osd = get_optimizer_state_dict(model, optimizer, options=opts)
+            if plain is None:
+                return None, None
+            return plain, self._int_optimizer_state(model, optimizer, osd)
+        return (model, optimizer.state_dict()) if self.is_main else (None, None)
 
-    def _fqn_optimizer_state(self, osd: dict[str, Any]) -> dict[str, Any]:
+    def after_save(self) -> None:
+        if self.world_size > 1:
+            barrier()
+
+    def load_optimizer_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]
+    ) -> None:
+        if not self.fsdp:
+            optimizer.load_state_dict(saved)
+            return
+        full = self._fqn_optimizer_state(model, optimizer, saved)
+        opts = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(model, optimizer, full, options=opts)
+
+    @staticmethod
+    def _param_fqns(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+        """Names of the optimizer's parameters in its own order (= state-dict indices)."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+    def _fqn_optimizer_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, osd: dict[str, Any]
+    ) -> dict[str, Any]:
         """A single-process optimizer state dict (integer keys) → FSDP2's full, name-keyed one."""
-        fqns = self._param_fqns()
+        fqns = self._param_fqns(model, optimizer)
         return {
             "state": {fqns[int(i)]: v for i, v in osd["state"].items()},
             "param_groups": [
@@ -490,8 +505,11 @@ class DistributedPhaseTrainer(PhaseTrainer):
             ],
         }
 
-    def _int_optimizer_state(self, osd: dict[str, Any]) -> dict[str, Any]:
-        index = {n: i for i, n in enumerate(self._param_fqns())}
+    def _int_optimizer_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, osd: dict[str, Any]
+    ) -> dict[str, Any]:
+        """FSDP2's full, name-keyed optimizer state → the single-process one (integer keys)."""
+        index = {n: i for i, n in enumerate(self._param_fqns(model, optimizer))}
         groups = []
         for g in osd["param_groups"]:
             g = dict(g, params=[index[n] for n in g["params"]])
@@ -500,80 +518,22 @@ class DistributedPhaseTrainer(PhaseTrainer):
             groups.append(g)
         return {"state": {index[n]: v for n, v in osd["state"].items()}, "param_groups": groups}
 
-    def _restore(self, state: dict[str, Any]) -> tuple[int, int]:
-        if not self._fsdp():
-            return super()._restore(state)
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
 
-        opts = StateDictOptions(full_state_dict=True)
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
-        real = self.optimizer.load_state_dict
-        self.optimizer.load_state_dict = lambda sd: None  # already loaded (sharded) above
-        try:
-            return super()._restore(state)
-        finally:
-            self.optimizer.load_state_dict = real
-
-    def _trainer_state(self, step: int, tokens: int) -> dict[str, Any]:
-        if self._osd_cache is None:
-            return super()._trainer_state(step, tokens)
-        real = self.optimizer.state_dict
-        self.optimizer.state_dict = lambda: self._osd_cache  # FSDP2: the gathered full state
-        try:
-            return super()._trainer_state(step, tokens)
-        finally:
-            self.optimizer.state_dict = real
-
-    def _save(self, step: int, tokens: int, final: bool, extra: dict | None = None) -> Path:
-        """Rank 0 writes the checkpoint (single-process format); all ranks wait for it."""
-        path = ckpt.step_dir(self.dir, step)
-        if self.env.world_size == 1:
-            return super()._save(step, tokens, final, extra)
-        barrier()
-        if self.parallel == "fsdp2":
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_optimizer_state_dict,
-            )
-
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            plain = self._full_model()
-            osd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
-            if plain is not None:
-                self._osd_cache = self._int_optimizer_state(osd)
-                try:
-                    ckpt.save_checkpoint(
-                        self.dir,
-                        step,
-                        plain,
-                        self._trainer_state(step, tokens),
-                        self._meta(tokens, final, extra),
-                    )
-                    ckpt.apply_retention(self.dir, self.phase.keep_last)
-                finally:
-                    self._osd_cache = None
-        elif self.env.is_main:
-            path = super()._save(step, tokens, final, extra)
-        barrier()
-        return path
-
-    # -------------------------------------------------------------- main
-
-    def run(self) -> PhaseOutcome:
-        if self.env.world_size > 1:
-            # rank 0 verifies the checkpoints first (moving a corrupted one aside), so every
-            # rank then finds the same newest checkpoint to resume from
-            if self.env.is_main:
-                ckpt.latest_checkpoint(self.dir)
-            barrier()
-        return super().run()
-
-    def _make_metrics(self, resume_step: int) -> Any:
-        """Only rank 0 writes metrics files; other ranks log into a null sink."""
-        return super()._make_metrics(resume_step) if self.env.is_main else _NullMetrics()
+def distributed_trainer(
+    cfg: RunConfig,
+    phase_idx: int,
+    run_dir: Path,
+    tokenizer: Tokenizer,
+    train_shard: Shard,
+    val_shard: Shard,
+    init_from: Path | None = None,
+    hooks: TrainHooks | None = None,
+) -> PhaseTrainer:
+    """A :class:`PhaseTrainer` for this rank of the initialised process group."""
+    parallel = DataParallel(current_env(), cfg.train.parallel)
+    return PhaseTrainer(
+        cfg, phase_idx, run_dir, tokenizer, train_shard, val_shard, init_from, hooks, parallel
+    )
 
 
 def install_sigterm_stop() -> dict[str, bool]:
@@ -609,7 +569,7 @@ def launch_phase(
     folder.mkdir(parents=True, exist_ok=True)
     for name in (STOP_FILE, RESULT_FILE):
         (folder / name).unlink(missing_ok=True)
-    cfg_path = folder / "config.json"
+    cfg_path = RunLayout(run_dir).dist_config(phase_idx, phase.name)
     atomic_write_text(cfg_path, config_to_json(cfg))
     cmd = torchrun_command(cfg.train, [str(run_dir), str(phase_idx), "--config", str(cfg_path)])
     hooks.log(f"[{phase.name}] launching {world_size_of(cfg.train)} processes: {shlex.join(cmd)}")
@@ -622,6 +582,15 @@ def launch_phase(
         env=launch_env(),
         start_new_session=True,  # its own process group: a stop signal reaches every rank
     )
+    rc, tail = _follow_job(proc, hooks, folder, grace_s)
+    return _job_outcome(run_dir, phase_idx, phase.name, folder, rc, tail, hooks)
+
+
+def _follow_job(
+    proc: subprocess.Popen, hooks: TrainHooks, folder: Path, grace_s: float
+) -> tuple[int, list[str]]:
+    """Relay the job's output to ``hooks`` until it ends, forwarding stop requests; returns
+    (exit status, the last 200 plain lines). Any exception here stops the job first."""
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:
@@ -643,14 +612,7 @@ def launch_phase(
             if line is None:
                 break
             if line:
-                event = parse_event(line)
-                if event is None:
-                    hooks.log(line.rstrip("\n"))
-                    tail = (tail + [line.rstrip("\n")])[-200:]
-                elif event.pop("kind") == "progress":
-                    hooks.on_progress(event)
-                else:
-                    hooks.on_event(event["type"], event["msg"], event.get("data") or {})
+                tail = _relay(line, hooks, tail)
             if stop_sent_at is None and hooks.should_stop():
                 atomic_write_text(folder / STOP_FILE, "stop requested\n")
                 stop_sent_at = time.monotonic()
@@ -666,12 +628,39 @@ def launch_phase(
             _signal_group(proc, signal.SIGKILL)
         raise
     reader.join(timeout=5)
+    return rc, tail
+
+
+def _relay(line: str, hooks: TrainHooks, tail: list[str]) -> list[str]:
+    """One line of the job's output: an event for ``hooks``, or a plain line logged (and kept
+    in the returned tail)."""
+    event = parse_event(line)
+    if event is None:
+        hooks.log(line.rstrip("\n"))
+        return (tail + [line.rstrip("\n")])[-200:]
+    if event.pop("kind") == "progress":
+        hooks.on_progress(event)
+    else:
+        hooks.on_event(event["type"], event["msg"], event.get("data") or {})
+    return tail
+
+
+def _job_outcome(
+    run_dir: Path,
+    phase_idx: int,
+    name: str,
+    folder: Path,
+    rc: int,
+    tail: list[str],
+    hooks: TrainHooks,
+) -> PhaseOutcome:
+    """Rank 0's outcome from ``result.json``; a failed job raises :class:`DistributedRunError`."""
     result_path = folder / RESULT_FILE
     result = json.loads(result_path.read_text()) if result_path.is_file() else None
     if result is None or result.get("status") == "failed":
         why = (result or {}).get("error") or "\n".join(crash_lines(tail))
         raise DistributedRunError(
-            f"[{phase.name}] torchrun exited with status {rc}; resume restarts from the last "
+            f"[{name}] torchrun exited with status {rc}; resume restarts from the last "
             f"checkpoint. {why}"
         )
     outcome = PhaseOutcome(**result)
@@ -680,15 +669,15 @@ def launch_phase(
         # finished its work: a rank that died later (while leaving the process group) lost
         # nothing. Accept the outcome when its checkpoint is complete on disk.
         named = outcome.final_checkpoint or outcome.last_checkpoint
-        latest = ckpt.latest_checkpoint(phase_dir(run_dir, phase_idx, phase))
+        latest = ckpt.latest_checkpoint(RunLayout(run_dir).phase_checkpoints(phase_idx, name))
         if named is None or latest is None or latest.path.resolve() != Path(named).resolve():
             raise DistributedRunError(
-                f"[{phase.name}] torchrun exited with status {rc} and the checkpoint the phase "
+                f"[{name}] torchrun exited with status {rc} and the checkpoint the phase "
                 f"reported ({named}) is not the newest complete one; resume restarts from the "
                 f"last checkpoint. " + "\n".join(crash_lines(tail))
             )
         hooks.log(
-            f"[{phase.name}] warning: torchrun exited with status {rc} after the phase had "
+            f"[{name}] warning: torchrun exited with status {rc} after the phase had "
             f"{outcome.status} with a complete checkpoint ({named}); a rank failed while shutting "
             "down, nothing was lost:\n" + "\n".join(crash_lines(tail))
         )

@@ -111,12 +111,17 @@ class MetricsLogger:
             self._tb.close()
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
+class NullMetrics:
+    """The metrics sink of a process that writes no files (ranks other than 0)."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from deeplm.config import PhaseConfig
-from deeplm.train.device import adamw_implementation
+from deeplm.device import adamw_implementation
 
 # below this, torch's Adafactor (step = lr x parameter RMS) hardly moves the weights
 ADAFACTOR_LOW_LR = 1e-3

@@ -25,26 +25,9 @@ from pathlib import Path
 
 from deeplm.atomic import sha256_file
 from deeplm.config import RunConfig
-from deeplm.train.checkpoint import move_aside_corrupt
-from deeplm.workflows.state_db import StateDB
-
-
-def _stage_order(cfg: RunConfig) -> list[str]:
-    from deeplm.workflows.activities import pipeline_stages
-
-    return [s.name for s in pipeline_stages(cfg)]
-
-
-def downstream(cfg: RunConfig, stage: str) -> list[str]:
-    """The stages whose inputs include ``stage``'s outputs (not ``stage`` itself)."""
-    names = _stage_order(cfg)
-    phases = [p.name for p in cfg.phases]
-    if stage in ("prepare", "tokenizer"):
-        return [n for n in names if n.startswith(("tokenizer", "tokenize:", "train:", "evaluate"))]
-    if stage.startswith(("tokenize:", "train:")):
-        i = phases.index(stage.split(":", 1)[1])
-        return [f"train:{p}" for p in phases[i:] if f"train:{p}" != stage] + ["evaluate"]
-    return []
+from deeplm.pipeline.plan import downstream, pipeline_stages
+from deeplm.run.checkpoint import move_aside_corrupt
+from deeplm.run.state_db import StateDB
 
 
 def move_aside(path: Path) -> Path:
@@ -78,7 +61,7 @@ def reconcile(db: StateDB, cfg: RunConfig) -> list[str]:
     """Reset every ``done`` stage whose recorded outputs are missing or altered (and the stages
     downstream of it); move altered files aside. Returns the findings (empty: all intact)."""
     findings: list[str] = []
-    order = _stage_order(cfg)
+    order = [s.name for s in pipeline_stages(cfg)]
     done = {r.name for r in db.stages() if r.status == "done"}
     to_reset: dict[str, str] = {}
     for stage in order:

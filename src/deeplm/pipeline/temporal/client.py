@@ -1,5 +1,6 @@
 """Client side of the Temporal orchestration: start (or attach to) a run's workflow, show its
-status, cancel it, list runs; and the ``scripts/start_training.py`` command line.
+status, cancel it, list runs, start a local dev server. The command line is ``deeplm temporal
+...`` (:mod:`deeplm.cli`; ``scripts/start_training.py`` is a thin wrapper around it).
 
 Names and settings:
 
@@ -17,6 +18,10 @@ Names and settings:
 Entry points that used the Temporal SDK leave through :func:`hard_exit` (flush, then
 ``os._exit``): the SDK's native threads can crash the interpreter at shutdown after the work
 has succeeded (temporalio/sdk-python#300), which must not turn a success into a failure.
+
+``temporalio.client`` / ``.service`` / ``.api`` are imported inside the functions that talk to
+the server: they load the SDK's native bridge, which code that only formats or plans (and the
+test process) must not load.
 """
 
 from __future__ import annotations
@@ -36,14 +41,11 @@ from pathlib import Path
 from typing import Any
 
 from deeplm.config import ConfigError, RunConfig, config_to_json, load_config
-from deeplm.workflows.pipeline import (
-    PROGRESS_QUERY,
-    WORKFLOW_NAME,
-    PipelineInput,
-    StagePlan,
-    Timeouts,
-)
-from deeplm.workflows.temporal_server import (
+from deeplm.pipeline.integrity import reconcile
+from deeplm.pipeline.open_run import open_run
+from deeplm.pipeline.plan import pipeline_stages
+from deeplm.pipeline.status import format_status, status
+from deeplm.pipeline.temporal.server import (
     ENV_QUEUE_PREFIX,
     QUEUE_KINDS,
     TemporalServerError,
@@ -57,12 +59,19 @@ from deeplm.workflows.temporal_server import (
     stop_dev_server,
     task_queues,
 )
+from deeplm.pipeline.temporal.workflow import (
+    PROGRESS_QUERY,
+    WORKFLOW_NAME,
+    PipelineInput,
+    StagePlan,
+    Timeouts,
+)
+from deeplm.run.layout import CONFIG_FILE, RunLayout
 
 __all__ = ["QUEUE_KINDS", "add_connection_args", "hard_exit", "task_queues"]
 
 ENV_HEARTBEAT = "DEEPLM_TEMPORAL_HEARTBEAT_TIMEOUT"
 ENV_TRAIN_TIMEOUT = "DEEPLM_TEMPORAL_TRAIN_TIMEOUT_HOURS"
-SERVER_DIR = "temporal"  # a run's dev-server state folder: <run_dir>/temporal/
 
 
 def workflow_id_for(run_name: str) -> str:
@@ -79,8 +88,6 @@ async def connect(address: str, namespace: str = "default") -> Any:
 
 
 def stage_plans(cfg: RunConfig) -> list[StagePlan]:
-    from deeplm.workflows.activities import pipeline_stages
-
     return [StagePlan(s.name, s.activity, s.arg, s.queue) for s in pipeline_stages(cfg)]
 
 
@@ -302,14 +309,14 @@ def _run_name_from(args: argparse.Namespace) -> tuple[str | None, Path | None]:
     run_dir = Path(args.run_dir).absolute() if getattr(args, "run_dir", None) else None
     if getattr(args, "workflow_id", None):
         return args.workflow_id, run_dir
-    if run_dir is not None and (run_dir / "config.json").is_file():
-        name = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("name")
+    if run_dir is not None and (config := RunLayout(run_dir).config).is_file():
+        name = json.loads(config.read_text(encoding="utf-8")).get("name")
         return workflow_id_for(name), run_dir
     if getattr(args, "preset", None) or getattr(args, "config", None):
         cfg = _load_cfg(args)
         return workflow_id_for(cfg.name), run_dir or Path(f"runs/{cfg.name}").absolute()
     if run_dir is not None:
-        raise FileNotFoundError(f"{run_dir}: not a deeplm run directory (no config.json)")
+        raise FileNotFoundError(f"{run_dir}: not a deeplm run directory (no {CONFIG_FILE})")
     raise ConfigError("say which run: --run-dir, --preset/--config or --workflow-id")
 
 
@@ -325,10 +332,8 @@ def _load_cfg(args: argparse.Namespace) -> RunConfig:
 
 
 def _local_status(run_dir: Path | None) -> dict[str, Any] | None:
-    if run_dir is None or not (run_dir / "state.db").exists():
+    if run_dir is None or not RunLayout(run_dir).state_db.exists():
         return None
-    from deeplm.workflows.local import status
-
     return status(run_dir)
 
 
@@ -352,7 +357,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
         return 0 if (info or local) else 2
     ui = None
     if run_dir is not None:
-        known = read_server_info(run_dir / SERVER_DIR)
+        known = read_server_info(RunLayout(run_dir).temporal_dir)
         if known is not None and known.address == address and info is not None:
             ui = known.workflow_url(wid, args.namespace)
     if info is not None:
@@ -360,8 +365,6 @@ async def cmd_status(args: argparse.Namespace) -> int:
     if server_note:
         print(server_note)
     if local is not None:
-        from deeplm.workflows.local import format_status
-
         print()
         print(format_status(local))
     elif info is None:
@@ -450,7 +453,7 @@ async def cmd_list(args: argparse.Namespace) -> int:
 
 
 async def cmd_server(args: argparse.Namespace) -> int:
-    state_dir = Path(args.state_dir or (Path(args.run_dir) / SERVER_DIR)).absolute()
+    state_dir = Path(args.state_dir or RunLayout(args.run_dir).temporal_dir).absolute()
     if args.stop:
         stopped = stop_dev_server(state_dir)
         print(f"stopped the dev server pid {stopped.pid}" if stopped else "no dev server running")
@@ -471,7 +474,8 @@ def _spawn_worker(args: argparse.Namespace, address: str, log_path: Path) -> sub
     cmd = [
         sys.executable,
         "-m",
-        "deeplm.workflows.worker",
+        "deeplm.cli",
+        "worker",
         "--temporal-address",
         address,
         "--namespace",
@@ -556,7 +560,7 @@ async def _follow(client: Any, handle: Any, wid: str, interval_s: float = 2.0) -
     done = ", ".join(
         f"{n} {'skipped' if out['stages'][n].get('skipped') else 'done'}" for n in order
     )
-    print(f"{wid}: pipeline done ({done}); report: {Path(out['run_dir']) / 'report.md'}")
+    print(f"{wid}: pipeline done ({done}); report: {RunLayout(out['run_dir']).report}")
     return 0
 
 
@@ -570,12 +574,8 @@ async def cmd_start(args: argparse.Namespace, cfg: RunConfig | None = None) -> i
     queues = task_queues(args.task_queue_prefix)
     timeouts = timeouts_from(args)
     address = resolve_address(getattr(args, "temporal_address", None))
-    server = await ensure_server(address, run_dir / SERVER_DIR)
+    server = await ensure_server(address, RunLayout(run_dir).temporal_dir)
     client = await connect(address, namespace)
-
-    from deeplm.workflows.integrity import reconcile
-    from deeplm.workflows.local import open_run
-
     # a clear error now for a config that does not match
     db = open_run(run_dir, cfg, getattr(args, "allow_config_change", False))
     try:  # as `deeplm run` does: a done stage whose outputs are missing or altered is redone
@@ -586,7 +586,7 @@ async def cmd_start(args: argparse.Namespace, cfg: RunConfig | None = None) -> i
     worker = None
     try:
         if getattr(args, "with_worker", False):
-            log_path = run_dir / SERVER_DIR / "worker.log"
+            log_path = RunLayout(run_dir).temporal_worker_log
             worker = _spawn_worker(args, address, log_path)
             print(f"started a worker (pid {worker.pid}, log {log_path})", flush=True)
         else:
@@ -635,11 +635,12 @@ async def cmd_start(args: argparse.Namespace, cfg: RunConfig | None = None) -> i
 
 
 def start_command(args: argparse.Namespace, cfg: RunConfig | None = None) -> int:
-    """``deeplm run --orchestrator temporal``: like ``start_training.py start``."""
-    return _run_async(cmd_start(args, cfg))
+    """``deeplm run --orchestrator temporal``: like ``deeplm temporal start``."""
+    return run_async(cmd_start(args, cfg))
 
 
-def _run_async(coro: Any) -> int:
+def run_async(coro: Any) -> int:
+    """Run a command's coroutine; its errors become one ``deeplm: error`` line and exit 2."""
     from temporalio.service import RPCError
 
     try:
@@ -653,71 +654,3 @@ def _run_async(coro: Any) -> int:
     except KeyboardInterrupt:
         print("deeplm: aborted", file=sys.stderr)
         return 130
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="start_training.py",
-        description="Run deeplm's pipeline through Temporal: start, status, cancel, list.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def cfg_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--preset", help="a preset (default tiny)")
-        p.add_argument("--config", help="a TOML config file (instead of --preset)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
-
-    def which_run(p: argparse.ArgumentParser) -> None:
-        cfg_args(p)
-        p.add_argument("--run-dir", help="the run directory")
-        p.add_argument("--workflow-id", help="the workflow id (default deeplm-<run name>)")
-        add_connection_args(p)
-
-    p = sub.add_parser("start", help="start the pipeline (or attach to it) and follow it")
-    which_run(p)
-    p.add_argument("--with-worker", action="store_true", help="run a worker for this run too")
-    p.add_argument(
-        "--allow-config-change",
-        action="store_true",
-        help="apply config changes that cannot invalidate finished work (as deeplm run)",
-    )
-    p.add_argument("--detach", action="store_true", help="return once the workflow has started")
-    p.add_argument("--heartbeat-timeout", type=float, help="seconds (default 120)")
-    p.add_argument("--train-timeout", type=float, help="hours a training stage may take (336)")
-    p.add_argument("--max-attempts", type=int, help="attempts per stage (default 10)")
-    p.set_defaults(fn=cmd_start)
-
-    p = sub.add_parser("status", help="workflow status, live progress and the run's StateDB")
-    which_run(p)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_status)
-
-    p = sub.add_parser("cancel", help="stop a run cleanly (training checkpoints first)")
-    which_run(p)
-    p.add_argument("--no-wait", action="store_true", help="do not wait for it to stop")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
-    p.set_defaults(fn=cmd_cancel)
-
-    p = sub.add_parser("list", help="list deeplm workflows")
-    add_connection_args(p)
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_list)
-
-    p = sub.add_parser("server", help="start (or --stop) a local Temporal dev server")
-    add_connection_args(p)
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--run-dir", help="the server's state goes in <run-dir>/temporal")
-    where.add_argument("--state-dir", help="or in this folder")
-    p.add_argument("--stop", action="store_true")
-    p.set_defaults(fn=cmd_server)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``scripts/start_training.py``; returns the exit code (callers leave via hard_exit)."""
-    args = build_parser().parse_args(argv)
-    return _run_async(args.fn(args))

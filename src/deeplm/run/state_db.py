@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from deeplm.atomic import sha256_file
+from deeplm.run.layout import RunLayout
 
 SCHEMA_VERSION = 1
 
@@ -137,7 +138,7 @@ def corrupt_message(path: Path, exc: BaseException) -> str:
         f"{path}: the run's state database is damaged ({exc}). The run's files (data, "
         "tokenizer, shards, checkpoints) are not affected: rebuild the state from them with "
         "`deeplm run --rebuild-state` and the run's usual --preset/--config and --run-dir (the "
-        "damaged file is kept as state.db.corrupt-<time>; stages re-check their outputs, "
+        f"damaged file is kept as {path.name}.corrupt-<time>; stages re-check their outputs, "
         "training resumes from the newest checkpoint)"
     )
 
@@ -548,3 +549,24 @@ class StateDB:
         for e in out:
             e.pop("data_json", None)
         return list(reversed(out))
+
+
+def rebuild_state(run_dir: Path) -> Path | None:
+    """Move a damaged ``state.db`` (and its WAL files) aside to ``state.db.corrupt-<time>``
+    so the next run starts a fresh state; returns where it went (None: nothing to move, or the
+    database is readable and is kept)."""
+    path = RunLayout(run_dir).state_db
+    if not path.exists():
+        return None
+    try:
+        StateDB(path, readonly=True).close()
+        return None  # readable: nothing to rebuild
+    except StateCorrupt:
+        pass
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    for suffix in ("-wal", "-shm"):
+        extra = path.with_name(path.name + suffix)
+        if extra.exists():
+            os.replace(extra, aside.with_name(aside.name + suffix))
+    return aside

@@ -21,9 +21,8 @@ from deeplm.data.importer import (
     read_token_file,
     write_shard,
 )
+from deeplm.run.layout import RunLayout
 from deeplm.tokenizer import Tokenizer
-from deeplm.workflows.activities import shard_prefix, tokenizer_path
-from deeplm.workflows.local import CONFIG_FILE, STATE_FILE
 
 
 def import_tokens(
@@ -43,18 +42,20 @@ def import_tokens(
     if phase not in [p.name for p in cfg.phases]:
         names = ", ".join(p.name for p in cfg.phases)
         raise ImportError_(f"the config has no phase {phase!r} (its phases: {names})")
-    _check_run_dir(run_dir)
+    layout = RunLayout(run_dir)
+    _check_run_dir(layout)
     files = {
         split: read_token_file(path, dtype) for split, path in (("train", train), ("val", val))
     }
-    staging = run_dir / "tokenizer" / ".import"
-    tok = adapt_tokenizer(tokenizer, staging / "tokenizer.json", bos_token)
+    staging = layout.tokenizer_staging
+    staged = staging / layout.tokenizer.name
+    tok = adapt_tokenizer(tokenizer, staged, bos_token)
     for tf in files.values():
         check_tokens(tf, tok.vocab_size)
     cfg.model.vocab_size = cfg.tokenizer.vocab_size = tok.vocab_size
     cfg.validate()
-    final_tok = tokenizer_path(run_dir)
-    (staging / "tokenizer.json").replace(final_tok)
+    final_tok = layout.tokenizer
+    staged.replace(final_tok)
     staging.rmdir()
     tok = Tokenizer.load(final_tok)
     summary: dict[str, Any] = {
@@ -63,18 +64,18 @@ def import_tokens(
         "vocab_size": tok.vocab_size,
     }
     for split, tf in files.items():
-        meta = write_shard(tf, shard_prefix(run_dir, phase, split), tok)
+        meta = write_shard(tf, layout.shard(phase, split), tok)
         summary[split] = {"tokens": meta.n_tokens, "docs": meta.n_docs, "format": tf.fmt}
         log(f"{split}: {meta.n_tokens:,} tokens, {meta.n_docs:,} documents ({tf.fmt})")
-    atomic_write_text(run_dir / CONFIG_FILE, config_to_json(cfg))
+    atomic_write_text(layout.config, config_to_json(cfg))
     return summary
 
 
-def _check_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ImportError_(f"{run_dir}: exists and is not a folder")
-    for name in (CONFIG_FILE, STATE_FILE):
-        if (run_dir / name).exists():
+def _check_run_dir(layout: RunLayout) -> None:
+    if layout.root.exists() and not layout.root.is_dir():
+        raise ImportError_(f"{layout.root}: exists and is not a folder")
+    for path in (layout.config, layout.state_db):
+        if path.exists():
             raise ImportError_(
-                f"{run_dir / name} exists: a run directory holds one run; import into a new one"
+                f"{path} exists: a run directory holds one run; import into a new one"
             )

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic save, verified load, discovery and retention.
+"""Checkpoint folders: atomic save, verified load, discovery and retention (the on-disk format
+of a run's checkpoints; :class:`~deeplm.run.layout.RunLayout` says where they live).
 
 A checkpoint is a folder ``<phase_dir>/step-NNNNNNN/`` holding ``model.safetensors`` (weights),
 ``trainer.pt`` (optimizer, data cursor, RNG, step, tokens — loadable with

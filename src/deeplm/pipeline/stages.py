@@ -1,12 +1,13 @@
-"""The pipeline's stages as idempotent activities.
+"""The pipeline's stages: the functions both orchestrators call (the local driver,
+:mod:`deeplm.pipeline.local`, and the Temporal activities, :mod:`deeplm.pipeline.temporal`).
 
-Each activity is a plain function ``activity(ctx, ...) -> dict`` that
+Each stage is a plain idempotent function ``stage(ctx, ...) -> dict`` that
 1. checks the StateDB and the files on disk and returns at once when its work is done and intact,
 2. otherwise resumes from the cursor the StateDB holds for it,
 3. writes its outputs atomically and records them (path, bytes, sha256, producer).
 
-The local orchestrator (``workflows/local.py``) and the Temporal workflow call these same
-functions; neither holds any stage logic of its own.
+Neither orchestrator holds any stage logic of its own; the order of the stages is
+:mod:`deeplm.pipeline.plan`'s.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from deeplm.atomic import atomic_replace, remove_stale_temps
 from deeplm.config import PhaseConfig, RunConfig, SourceConfig
@@ -32,19 +33,26 @@ from deeplm.data.shards import (
     Shard,
     ShardCursor,
     ShardError,
+    ShardMeta,
     ShardResumeError,
     ShardStopped,
     is_shard_complete,
     tokenize_to_shard,
 )
 from deeplm.data.sources import Document, SourceError, SourceStats, iter_source
+from deeplm.device import select_device
+from deeplm.eval.forgetting import warning_line
+from deeplm.eval.suite import SuiteOptions, summary
+from deeplm.eval.suite import evaluate as evaluate_model
+from deeplm.export.loading import LoadedModel, load_checkpoint
+from deeplm.pipeline.integrity import move_aside
+from deeplm.pipeline.plan import StageSpec
+from deeplm.run import checkpoint as ckpt
+from deeplm.run.layout import SPLITS, RunLayout
+from deeplm.run.state_db import StateDB
 from deeplm.tokenizer import Tokenizer, train_tokenizer
-from deeplm.train import checkpoint as ckpt
 from deeplm.train import distributed
-from deeplm.train.trainer import PhaseTrainer, TrainHooks, phase_dir
-from deeplm.workflows.state_db import StateDB
-
-SPLITS = ("train", "val")
+from deeplm.train.trainer import PhaseOutcome, PhaseTrainer, TrainHooks
 
 
 class StageStopped(Exception):
@@ -63,42 +71,9 @@ class RunContext:
     log: Callable[[str], None] = print
     extra: dict[str, Any] = field(default_factory=dict)
 
-
-# ---------------------------------------------------------------------------- layout
-
-
-def docs_path(run_dir: Path, phase: str, split: str) -> Path:
-    return run_dir / "data" / phase / f"{split}.jsonl"
-
-
-def tokenizer_path(run_dir: Path) -> Path:
-    return run_dir / "tokenizer" / "tokenizer.json"
-
-
-def shard_prefix(run_dir: Path, phase: str, split: str) -> Path:
-    return run_dir / "shards" / phase / split
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """One step of the pipeline: its StateDB name, activity name and argument."""
-
-    name: str
-    activity: str
-    arg: int | None = None
-    queue: str = "cpu"
-
-
-def pipeline_stages(cfg: RunConfig) -> list[StageSpec]:
-    """The ordered stages of a run (shared by every orchestrator)."""
-    stages = [StageSpec("prepare", "prepare"), StageSpec("tokenizer", "train_tokenizer")]
-    stages += [StageSpec(f"tokenize:{p.name}", "tokenize", i) for i, p in enumerate(cfg.phases)]
-    stages += [
-        StageSpec(f"train:{p.name}", "train_phase", i, queue="gpu")
-        for i, p in enumerate(cfg.phases)
-    ]
-    stages.append(StageSpec("evaluate", "evaluate", queue="gpu"))
-    return stages
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_dir)
 
 
 def _done_and_intact(ctx: RunContext, stage: str, files: list[Path]) -> bool:
@@ -174,124 +149,16 @@ def prepare(ctx: RunContext) -> dict[str, Any]:
     the sources finished, so a killed run redoes at most the source it was reading.
     """
     stage = "prepare"
-    cfg, run_dir = ctx.cfg, ctx.run_dir
-    outputs_files = [docs_path(run_dir, p.name, s) for p in cfg.phases for s in SPLITS]
+    cfg, layout = ctx.cfg, ctx.layout
+    outputs_files = [layout.docs(p.name, s) for p in cfg.phases for s in SPLITS]
     if _done_and_intact(ctx, stage, outputs_files):
         return ctx.db.stage(stage).outputs | {"skipped": True}
     row = ctx.db.start_stage(stage)
-    cursor = dict(row.cursor)
-    done_parts: dict[str, Any] = cursor.get("parts", {})
+    done_parts: dict[str, Any] = dict(row.cursor).get("parts", {})
     report: dict[str, Any] = {}
-    base_dir = Path(cfg.base_dir or ".")
     try:
-        for phase in cfg.phases:
-            parts_dir = run_dir / "data" / phase.name / "parts"
-            dedup = Deduper()
-            phase_report: dict[str, Any] = {"sources": []}
-            for i, src in enumerate(phase.sources):
-                key = f"{phase.name}/{i}"
-                part = {s: parts_dir / f"{i}.{s}.jsonl" for s in SPLITS}
-                if key in done_parts and all(p.is_file() for p in part.values()):
-                    for s in SPLITS:  # rebuild the dedup memory from what is already written
-                        for text in _iter_jsonl_texts(part[s]):
-                            dedup.seen(text)
-                    phase_report["sources"].append(done_parts[key])
-                    continue
-                if ctx.should_stop():
-                    raise StageStopped(f"prepare stopped before {key}")
-                ctx.log(f"[prepare] {phase.name}: reading {src.kind}:{src.name or src.path}")
-                sstats, cstats = SourceStats(), CleanStats()
-                used: list[str] = []
-                tmp_files = {s: parts_dir / f".{i}.{s}.jsonl.tmp-{os.getpid()}" for s in SPLITS}
-                parts_dir.mkdir(parents=True, exist_ok=True)
-                handles = {
-                    s: open(tmp_files[s], "w", encoding="utf-8") for s in SPLITS
-                }  # noqa: SIM115
-                counts = {s: 0 for s in SPLITS}
-                try:
-                    if src.format == "instruction":
-                        docs = (
-                            d
-                            for d in iter_instructions(src, base_dir, sstats)
-                            if not (cfg.clean.dedup and dedup.seen(d.text))
-                        )
-                    else:
-                        docs = clean_documents(
-                            source_documents(src, base_dir, sstats, ctx.log, used),
-                            cfg.clean,
-                            cstats,
-                            deduper=dedup,
-                        )
-                    for doc in docs:
-                        kind = excluded_kind(doc.text, phase.exclude_kinds)
-                        if kind is not None:
-                            cstats.drop(f"kind:{kind}")
-                            continue
-                        if phase.kind == "finetune" and src.format == "text":
-                            doc = Document(scrub_special(doc.text), doc.source, doc.doc_id)
-                        split = split_for(doc.text, phase.val_fraction, cfg.seed)
-                        handles[split].write(json.dumps({"text": doc.text}, ensure_ascii=False))
-                        handles[split].write("\n")
-                        counts[split] += 1
-                        if (counts["train"] + counts["val"]) % 500 == 0:
-                            ctx.progress(
-                                {
-                                    "stage": stage,
-                                    "phase": phase.name,
-                                    "source": i,
-                                    "docs": counts["train"] + counts["val"],
-                                }
-                            )
-                    for s in SPLITS:
-                        handles[s].flush()
-                        os.fsync(handles[s].fileno())
-                finally:
-                    for h in handles.values():
-                        h.close()
-                for s in SPLITS:
-                    atomic_replace(tmp_files[s], part[s])
-                info = {
-                    "source": f"{src.kind}:{src.name or src.path}",
-                    "read": asdict(sstats),
-                    "fallback_used": used,
-                    "clean": asdict(cstats),
-                    "train_docs": counts["train"],
-                    "val_docs": counts["val"],
-                }
-                if counts["train"] + counts["val"] == 0:
-                    info["warning"] = dropped_warning(info, cfg.clean.min_chars)
-                    ctx.log(f"[prepare] warning: {phase.name}: {info['warning']}")
-                done_parts[key] = info
-                phase_report["sources"].append(info)
-                ctx.db.set_cursor(stage, {"parts": done_parts})
-                ctx.db.log_event(
-                    stage,
-                    "progress",
-                    f"{key} ({info['source']}) prepared",
-                    {"train_docs": counts["train"], "val_docs": counts["val"]},
-                )
-            # Assemble the phase's split files from its parts (atomic, cheap); the training
-            # split ends with the replayed documents of earlier phases (``phase.replay``).
-            for s in SPLITS:
-                parts = [parts_dir / f"{i}.{s}.jsonl" for i in range(len(phase.sources))]
-                out = docs_path(run_dir, phase.name, s)
-                replayed = [0]
-                n = _write_jsonl_atomic(
-                    out, _phase_texts(ctx, cfg.phases.index(phase), parts, s, replayed)
-                )
-                n -= replayed[0]
-                if replayed[0]:
-                    phase_report["replay_docs"] = replayed[0]
-                if n == 0:
-                    srcs = ", ".join(f"{x.kind}:{x.name or x.path}" for x in phase.sources)
-                    raise ValueError(
-                        f"phase {phase.name!r}: no {s} documents left after cleaning "
-                        f"(sources: {srcs}); add text or lower clean.min_chars"
-                    )
-                meta = {"phase": phase.name, "split": s, "docs": n + replayed[0]}
-                _record(ctx, out, "docs", stage, meta | {"replay_docs": replayed[0]})
-                phase_report[f"{s}_docs"] = n + replayed[0]
-            report[phase.name] = phase_report
+        for phase_idx in range(len(cfg.phases)):
+            report[cfg.phases[phase_idx].name] = _prepare_phase(ctx, phase_idx, done_parts)
     except StageStopped as exc:
         ctx.db.pause_stage(stage, str(exc))
         raise
@@ -300,8 +167,146 @@ def prepare(ctx: RunContext) -> dict[str, Any]:
         raise
     ctx.db.finish_stage(stage, {"phases": report})
     for phase in cfg.phases:  # per-source parts only serve a resume of this stage
-        shutil.rmtree(run_dir / "data" / phase.name / "parts", ignore_errors=True)
+        shutil.rmtree(layout.doc_parts(phase.name), ignore_errors=True)
     return {"phases": report}
+
+
+def _prepare_phase(ctx: RunContext, phase_idx: int, done_parts: dict[str, Any]) -> dict[str, Any]:
+    """One phase of ``prepare``: each source not yet done into its parts (the cursor records
+    it), then the phase's split files assembled from them. Returns the phase's report."""
+    phase = ctx.cfg.phases[phase_idx]
+    dedup = Deduper()
+    phase_report: dict[str, Any] = {"sources": []}
+    for i in range(len(phase.sources)):
+        key = f"{phase.name}/{i}"
+        part = {s: ctx.layout.doc_part(phase.name, i, s) for s in SPLITS}
+        if key in done_parts and all(p.is_file() for p in part.values()):
+            for s in SPLITS:  # rebuild the dedup memory from what is already written
+                for text in _iter_jsonl_texts(part[s]):
+                    dedup.seen(text)
+            phase_report["sources"].append(done_parts[key])
+            continue
+        if ctx.should_stop():
+            raise StageStopped(f"prepare stopped before {key}")
+        info = _prepare_source(ctx, phase, i, dedup)
+        done_parts[key] = info
+        phase_report["sources"].append(info)
+        ctx.db.set_cursor("prepare", {"parts": done_parts})
+        ctx.db.log_event(
+            "prepare",
+            "progress",
+            f"{key} ({info['source']}) prepared",
+            {"train_docs": info["train_docs"], "val_docs": info["val_docs"]},
+        )
+    _assemble_phase(ctx, phase_idx, phase_report)
+    return phase_report
+
+
+def _source_docs(
+    ctx: RunContext,
+    phase: PhaseConfig,
+    src: SourceConfig,
+    dedup: Deduper,
+    stats: tuple[SourceStats, CleanStats],
+    used: list[str],
+) -> Iterator[Document]:
+    """A source's documents as the phase keeps them: read, cleaned (or instruction pairs),
+    deduplicated, without excluded text kinds, special tokens scrubbed from fine-tuning text."""
+    sstats, cstats = stats
+    base_dir = Path(ctx.cfg.base_dir or ".")
+    if src.format == "instruction":
+        docs: Iterator[Document] = (
+            d
+            for d in iter_instructions(src, base_dir, sstats)
+            if not (ctx.cfg.clean.dedup and dedup.seen(d.text))
+        )
+    else:
+        docs = clean_documents(
+            source_documents(src, base_dir, sstats, ctx.log, used),
+            ctx.cfg.clean,
+            cstats,
+            deduper=dedup,
+        )
+    for doc in docs:
+        kind = excluded_kind(doc.text, phase.exclude_kinds)
+        if kind is not None:
+            cstats.drop(f"kind:{kind}")
+            continue
+        if phase.kind == "finetune" and src.format == "text":
+            doc = Document(scrub_special(doc.text), doc.source, doc.doc_id)
+        yield doc
+
+
+def _prepare_source(ctx: RunContext, phase: PhaseConfig, i: int, dedup: Deduper) -> dict[str, Any]:
+    """Source ``i`` of ``phase`` into its train/val parts (temporary files renamed into place
+    once complete). Returns what was read, cleaned and kept."""
+    src = phase.sources[i]
+    ctx.log(f"[prepare] {phase.name}: reading {src.kind}:{src.name or src.path}")
+    sstats, cstats = SourceStats(), CleanStats()
+    used: list[str] = []
+    part = {s: ctx.layout.doc_part(phase.name, i, s) for s in SPLITS}
+    tmp_files = {s: p.with_name(f".{p.name}.tmp-{os.getpid()}") for s, p in part.items()}
+    ctx.layout.doc_parts(phase.name).mkdir(parents=True, exist_ok=True)
+    handles = {s: open(tmp_files[s], "w", encoding="utf-8") for s in SPLITS}  # noqa: SIM115
+    counts = {s: 0 for s in SPLITS}
+    try:
+        for doc in _source_docs(ctx, phase, src, dedup, (sstats, cstats), used):
+            split = split_for(doc.text, phase.val_fraction, ctx.cfg.seed)
+            handles[split].write(json.dumps({"text": doc.text}, ensure_ascii=False))
+            handles[split].write("\n")
+            counts[split] += 1
+            if (counts["train"] + counts["val"]) % 500 == 0:
+                ctx.progress(
+                    {
+                        "stage": "prepare",
+                        "phase": phase.name,
+                        "source": i,
+                        "docs": counts["train"] + counts["val"],
+                    }
+                )
+        for s in SPLITS:
+            handles[s].flush()
+            os.fsync(handles[s].fileno())
+    finally:
+        for h in handles.values():
+            h.close()
+    for s in SPLITS:
+        atomic_replace(tmp_files[s], part[s])
+    info = {
+        "source": f"{src.kind}:{src.name or src.path}",
+        "read": asdict(sstats),
+        "fallback_used": used,
+        "clean": asdict(cstats),
+        "train_docs": counts["train"],
+        "val_docs": counts["val"],
+    }
+    if counts["train"] + counts["val"] == 0:
+        info["warning"] = dropped_warning(info, ctx.cfg.clean.min_chars)
+        ctx.log(f"[prepare] warning: {phase.name}: {info['warning']}")
+    return info
+
+
+def _assemble_phase(ctx: RunContext, phase_idx: int, phase_report: dict[str, Any]) -> None:
+    """The phase's split files from its parts (atomic, cheap); the training split ends with the
+    replayed documents of earlier phases (``phase.replay``). Recorded as ``docs`` artifacts."""
+    phase = ctx.cfg.phases[phase_idx]
+    for s in SPLITS:
+        parts = [ctx.layout.doc_part(phase.name, i, s) for i in range(len(phase.sources))]
+        out = ctx.layout.docs(phase.name, s)
+        replayed = [0]
+        n = _write_jsonl_atomic(out, _phase_texts(ctx, phase_idx, parts, s, replayed))
+        n -= replayed[0]
+        if replayed[0]:
+            phase_report["replay_docs"] = replayed[0]
+        if n == 0:
+            srcs = ", ".join(f"{x.kind}:{x.name or x.path}" for x in phase.sources)
+            raise ValueError(
+                f"phase {phase.name!r}: no {s} documents left after cleaning "
+                f"(sources: {srcs}); add text or lower clean.min_chars"
+            )
+        meta = {"phase": phase.name, "split": s, "docs": n + replayed[0]}
+        _record(ctx, out, "docs", "prepare", meta | {"replay_docs": replayed[0]})
+        phase_report[f"{s}_docs"] = n + replayed[0]
 
 
 def dropped_warning(info: dict[str, Any], min_chars: int) -> str:
@@ -338,7 +343,7 @@ def replay_texts(run_dir: Path, cfg: RunConfig, phase_idx: int, own_chars: int) 
         return
     target = own_chars * phase.replay / (1.0 - phase.replay) / phase_idx
     for earlier in cfg.phases[:phase_idx]:
-        path = docs_path(run_dir, earlier.name, "train")
+        path = RunLayout(run_dir).docs(earlier.name, "train")
         total = sum(len(t) for t in _iter_jsonl_texts(path))
         keep = min(1.0, target / max(1, total))
         for text in _iter_jsonl_texts(path):
@@ -378,7 +383,7 @@ def own_train_docs(ctx: RunContext, phase_name: str) -> int | None:
 def train_tokenizer_activity(ctx: RunContext) -> dict[str, Any]:
     """Train the BPE tokenizer on every phase's training documents."""
     stage = "tokenizer"
-    path = tokenizer_path(ctx.run_dir)
+    path = ctx.layout.tokenizer
     if _done_and_intact(ctx, stage, [path]):
         return ctx.db.stage(stage).outputs | {"skipped": True}
     ctx.db.start_stage(stage)
@@ -387,7 +392,7 @@ def train_tokenizer_activity(ctx: RunContext) -> dict[str, Any]:
         def texts() -> Iterator[str]:
             for phase in ctx.cfg.phases:
                 if phase.kind == "pretrain":  # the user's fine-tuning data never shapes the ids
-                    docs = _iter_jsonl_texts(docs_path(ctx.run_dir, phase.name, "train"))
+                    docs = _iter_jsonl_texts(ctx.layout.docs(phase.name, "train"))
                     yield from itertools.islice(docs, own_train_docs(ctx, phase.name))
 
         t0 = time.perf_counter()
@@ -408,7 +413,7 @@ def train_tokenizer_activity(ctx: RunContext) -> dict[str, Any]:
 
 
 def load_run_tokenizer(ctx: RunContext) -> Tokenizer:
-    path = tokenizer_path(ctx.run_dir)
+    path = ctx.layout.tokenizer
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the run has no tokenizer yet (run the pipeline first)")
     return Tokenizer.load(path)
@@ -423,9 +428,10 @@ def tokenize(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
     phase = ctx.cfg.phases[phase_idx]
     stage = f"tokenize:{phase.name}"
     tok = load_run_tokenizer(ctx)
-    bins = [Path(f"{shard_prefix(ctx.run_dir, phase.name, s)}.bin") for s in SPLITS]
+    layout = ctx.layout
+    bins = [Path(f"{layout.shard(phase.name, s)}.bin") for s in SPLITS]
     if _done_and_intact(ctx, stage, bins) and all(
-        is_shard_complete(shard_prefix(ctx.run_dir, phase.name, s), tok.hash) for s in SPLITS
+        is_shard_complete(layout.shard(phase.name, s), tok.hash) for s in SPLITS
     ):
         return ctx.db.stage(stage).outputs | {"skipped": True}
     row = ctx.db.start_stage(stage)
@@ -433,53 +439,14 @@ def tokenize(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
     outputs: dict[str, Any] = {}
     try:
         for split in SPLITS:
-            prefix = shard_prefix(ctx.run_dir, phase.name, split)
+            prefix = layout.shard(phase.name, split)
             if is_shard_complete(prefix, tok.hash):
                 meta = Shard.open(prefix, tok.hash).meta
             else:
-                c = cursors.get(split)
-                start = ShardCursor(c["last_doc_index"], c["n_tokens"]) if c else None
-                if start is not None:
-                    ctx.log(
-                        f"[tokenize] {phase.name}/{split}: resuming at document "
-                        f"{start.doc_index}"
-                    )
-
-                def commit(cur: ShardCursor, split: str = split) -> None:
-                    cursors[split] = {"last_doc_index": cur.doc_index, "n_tokens": cur.n_tokens}
-                    ctx.db.set_cursor(stage, cursors)
-                    ctx.progress({"stage": stage, "split": split, **cursors[split]})
-
-                docs = docs_path(ctx.run_dir, phase.name, split)
-                try:
-                    meta = tokenize_to_shard(
-                        docs,
-                        tok,
-                        prefix,
-                        cursor=start,
-                        on_progress=commit,
-                        should_stop=ctx.should_stop,
-                        allow_special=phase.kind == "finetune",
-                    )
-                except ShardResumeError as exc:
-                    ctx.db.log_event(
-                        stage,
-                        "restart",
-                        f"{split}: cannot resume ({exc}); tokenizing from the first document",
-                    )
-                    meta = tokenize_to_shard(
-                        docs,
-                        tok,
-                        prefix,
-                        cursor=None,
-                        on_progress=commit,
-                        should_stop=ctx.should_stop,
-                        allow_special=phase.kind == "finetune",
-                    )
-            bin_path = Path(f"{prefix}.bin")
+                meta = _tokenize_split(ctx, phase_idx, split, tok, cursors)
             _record(
                 ctx,
-                bin_path,
+                Path(f"{prefix}.bin"),
                 "shard",
                 stage,
                 {
@@ -501,15 +468,44 @@ def tokenize(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
     return outputs
 
 
-# ---------------------------------------------------------------------------- train
-
-
-def final_checkpoint_of(ctx: RunContext, phase_idx: int) -> Path | None:
+def _tokenize_split(
+    ctx: RunContext, phase_idx: int, split: str, tok: Tokenizer, cursors: dict[str, Any]
+) -> ShardMeta:
+    """One split's shard, from the cursor in ``cursors`` (updated and saved as batches are
+    committed); a cursor that cannot be resumed restarts from the first document."""
     phase = ctx.cfg.phases[phase_idx]
-    latest = ckpt.latest_checkpoint(phase_dir(ctx.run_dir, phase_idx, phase))
-    if latest is not None and latest.meta.get("final"):
-        return latest.path
-    return None
+    stage = f"tokenize:{phase.name}"
+    c = cursors.get(split)
+    start = ShardCursor(c["last_doc_index"], c["n_tokens"]) if c else None
+    if start is not None:
+        ctx.log(f"[tokenize] {phase.name}/{split}: resuming at document {start.doc_index}")
+
+    def commit(cur: ShardCursor) -> None:
+        cursors[split] = {"last_doc_index": cur.doc_index, "n_tokens": cur.n_tokens}
+        ctx.db.set_cursor(stage, cursors)
+        ctx.progress({"stage": stage, "split": split, **cursors[split]})
+
+    def run(cursor: ShardCursor | None) -> ShardMeta:
+        return tokenize_to_shard(
+            ctx.layout.docs(phase.name, split),
+            tok,
+            ctx.layout.shard(phase.name, split),
+            cursor=cursor,
+            on_progress=commit,
+            should_stop=ctx.should_stop,
+            allow_special=phase.kind == "finetune",
+        )
+
+    try:
+        return run(start)
+    except ShardResumeError as exc:
+        ctx.db.log_event(
+            stage, "restart", f"{split}: cannot resume ({exc}); tokenizing from the first document"
+        )
+        return run(None)
+
+
+# ---------------------------------------------------------------------------- train
 
 
 def open_verified_shard(ctx: RunContext, phase_idx: int, split: str, tok: Tokenizer) -> Shard:
@@ -518,7 +514,7 @@ def open_verified_shard(ctx: RunContext, phase_idx: int, split: str, tok: Tokeni
     is moved aside (``.corrupt``), the tokenize stage is reset and the shard rebuilt in place
     (tokenization is deterministic, so the rebuilt shard is byte-identical to the original)."""
     phase = ctx.cfg.phases[phase_idx]
-    prefix = shard_prefix(ctx.run_dir, phase.name, split)
+    prefix = ctx.layout.shard(phase.name, split)
     bin_path = Path(f"{prefix}.bin")
     try:
         shard = Shard.open(prefix, tok.hash)
@@ -530,8 +526,6 @@ def open_verified_shard(ctx: RunContext, phase_idx: int, split: str, tok: Tokeni
         return shard
     except ShardError as exc:
         problem = str(exc)
-    from deeplm.workflows.integrity import move_aside
-
     for path in (bin_path, Path(f"{prefix}.idx.npy"), Path(f"{prefix}.json")):
         if path.exists():
             move_aside(path)
@@ -556,7 +550,7 @@ def check_shard_windows(ctx: RunContext, tok: Tokenizer) -> None:
         if ctx.db.stage(f"train:{phase.name}").status == "done":
             continue
         for split in SPLITS:
-            prefix = shard_prefix(ctx.run_dir, phase.name, split)
+            prefix = ctx.layout.shard(phase.name, split)
             if not is_shard_complete(prefix, tok.hash):
                 continue
             n_tokens = Shard.open(prefix, tok.hash).meta.n_tokens
@@ -581,22 +575,53 @@ def train_phase(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
     phase = cfg.phases[phase_idx]
     stage = f"train:{phase.name}"
     tok = load_run_tokenizer(ctx)
-    final = final_checkpoint_of(ctx, phase_idx)
+    final = ctx.layout.final_checkpoint(cfg, phase_idx)
     if ctx.db.stage(stage).status == "done" and final is not None:
         return ctx.db.stage(stage).outputs | {"skipped": True}
     init_from = None
     if phase_idx > 0:
-        init_from = final_checkpoint_of(ctx, phase_idx - 1)
+        init_from = ctx.layout.final_checkpoint(cfg, phase_idx - 1)
         if init_from is None:
             raise RuntimeError(
                 f"phase {phase.name!r} needs the final checkpoint of phase "
                 f"{cfg.phases[phase_idx - 1].name!r}, which does not exist yet"
             )
     check_shard_windows(ctx, tok)
-    train_shard = open_verified_shard(ctx, phase_idx, "train", tok)
-    val_shard = open_verified_shard(ctx, phase_idx, "val", tok)
+    shards = tuple(open_verified_shard(ctx, phase_idx, s, tok) for s in SPLITS)
     ctx.db.start_stage(stage)
     ctx.db.upsert_phase(phase.name, phase_idx, status="running", total_steps=phase.total_steps)
+    try:
+        if distributed.world_size_of(cfg.train) > 1 and not distributed.under_torchrun():
+            # several devices/nodes: torchrun runs the ranks; this process stays the only
+            # StateDB writer (rank 0 reports progress through the job's output)
+            hooks = _train_hooks(ctx, phase_idx)
+            outcome = distributed.launch_phase(ctx.run_dir, cfg, phase_idx, hooks)
+        else:
+            train_shard, val_shard = shards
+            trainer = PhaseTrainer(
+                cfg,
+                phase_idx,
+                ctx.run_dir,
+                tok,
+                train_shard,
+                val_shard,
+                init_from=init_from,
+                hooks=_train_hooks(ctx, phase_idx),
+            )
+            outcome = trainer.run()
+    except Exception as exc:
+        ctx.db.fail_stage(stage, f"{type(exc).__name__}: {exc}")
+        ctx.db.upsert_phase(phase.name, phase_idx, status="failed")
+        raise
+    if outcome.status == "stopped":
+        _record_stopped(ctx, phase_idx, outcome)
+    return _record_done(ctx, phase_idx, outcome, tok)
+
+
+def _train_hooks(ctx: RunContext, phase_idx: int) -> TrainHooks:
+    """How a training phase reports to the StateDB: cursor, phase row, events, progress."""
+    phase = ctx.cfg.phases[phase_idx]
+    stage = f"train:{phase.name}"
 
     def on_progress(info: dict[str, Any]) -> None:
         cursor = {"last_step_count": info["step"], "last_checkpoint": info.get("last_checkpoint")}
@@ -609,46 +634,39 @@ def train_phase(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
         ctx.db.upsert_phase(phase.name, phase_idx, **fields)
         ctx.progress({"stage": stage, **info})
 
-    hooks = TrainHooks(
+    return TrainHooks(
         on_progress=on_progress,
         should_stop=ctx.should_stop,
         log=ctx.log,
         on_event=lambda kind, msg, data: ctx.db.log_event(stage, kind, msg, data),
     )
-    try:
-        if distributed.world_size_of(cfg.train) > 1 and not distributed.under_torchrun():
-            # several devices/nodes: torchrun runs the ranks; this process stays the only
-            # StateDB writer (rank 0 reports progress through the job's output)
-            outcome = distributed.launch_phase(ctx.run_dir, cfg, phase_idx, hooks)
-        else:
-            trainer = PhaseTrainer(
-                cfg,
-                phase_idx,
-                ctx.run_dir,
-                tok,
-                train_shard,
-                val_shard,
-                init_from=init_from,
-                hooks=hooks,
-            )
-            outcome = trainer.run()
-    except Exception as exc:
-        ctx.db.fail_stage(stage, f"{type(exc).__name__}: {exc}")
-        ctx.db.upsert_phase(phase.name, phase_idx, status="failed")
-        raise
-    if outcome.status == "stopped":
-        ctx.db.upsert_phase(
-            phase.name,
-            phase_idx,
-            status="paused",
-            step=outcome.step,
-            last_checkpoint=outcome.last_checkpoint,
-        )
-        ctx.db.set_cursor(
-            stage, {"last_step_count": outcome.step, "last_checkpoint": outcome.last_checkpoint}
-        )
-        ctx.db.pause_stage(stage, f"stopped at step {outcome.step}")
-        raise StageStopped(f"{stage} stopped at step {outcome.step}")
+
+
+def _record_stopped(ctx: RunContext, phase_idx: int, outcome: PhaseOutcome) -> NoReturn:
+    """A phase stopped on request: record where (its checkpoint) and raise StageStopped."""
+    phase = ctx.cfg.phases[phase_idx]
+    stage = f"train:{phase.name}"
+    ctx.db.upsert_phase(
+        phase.name,
+        phase_idx,
+        status="paused",
+        step=outcome.step,
+        last_checkpoint=outcome.last_checkpoint,
+    )
+    ctx.db.set_cursor(
+        stage, {"last_step_count": outcome.step, "last_checkpoint": outcome.last_checkpoint}
+    )
+    ctx.db.pause_stage(stage, f"stopped at step {outcome.step}")
+    raise StageStopped(f"{stage} stopped at step {outcome.step}")
+
+
+def _record_done(
+    ctx: RunContext, phase_idx: int, outcome: PhaseOutcome, tok: Tokenizer
+) -> dict[str, Any]:
+    """A finished phase: its final checkpoint recorded as an artifact, the phase row and the
+    stage done. Returns the stage's outputs."""
+    phase = ctx.cfg.phases[phase_idx]
+    stage = f"train:{phase.name}"
     outputs = {
         "final_checkpoint": outcome.final_checkpoint,
         "steps": outcome.step,
@@ -691,21 +709,51 @@ def train_phase(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
 
 def evaluate(ctx: RunContext) -> dict[str, Any]:
     """Evaluate the run's final model on every phase's validation shard; write the report."""
-    from deeplm.eval.report import evaluate_run
-
     stage = "evaluate"
-    report = ctx.run_dir / "report.md"
-    if _done_and_intact(ctx, stage, [report]):
+    if _done_and_intact(ctx, stage, [ctx.layout.report]):
         return ctx.db.stage(stage).outputs | {"skipped": True}
     ctx.db.start_stage(stage)
     try:
-        outputs = evaluate_run(ctx)
-        _record(ctx, report, "report", stage)
+        outputs = evaluate_final_model(ctx)
     except Exception as exc:
         ctx.db.fail_stage(stage, f"{type(exc).__name__}: {exc}")
         raise
     ctx.db.finish_stage(stage, outputs)
     return outputs
+
+
+def evaluate_final_model(ctx: RunContext) -> dict[str, Any]:
+    """The suite (:meth:`SuiteOptions.quick` caps unless ``ctx.extra["eval_options"]``) on the
+    last phase's final checkpoint, written to ``report.md`` + ``report/eval.json`` (recorded as
+    artifacts of ``evaluate``, with an ``eval`` event). Returns the headline numbers."""
+    cfg, layout = ctx.cfg, ctx.layout
+    tok = load_run_tokenizer(ctx)
+    final = layout.final_checkpoint(cfg, len(cfg.phases) - 1)
+    if final is None:
+        raise RuntimeError("evaluate needs the last phase's final checkpoint; train first")
+    device = select_device(cfg.train.device)
+    model = load_checkpoint(cfg, final, device)
+    loaded = LoadedModel(model, tok, cfg.model, cfg.name, final, device, cfg, ctx.run_dir)
+    options = ctx.extra.get("eval_options") or SuiteOptions.quick()
+    t0 = time.perf_counter()
+
+    def on_part(part: str, done: int, total: int) -> None:
+        cursor = {"part": part, "parts_done": done, "parts_total": total}
+        ctx.db.set_cursor("evaluate", cursor)
+        ctx.progress({"stage": "evaluate", **cursor})
+
+    eval_json = layout.report_dir / "eval.json"
+    results = evaluate_model(
+        loaded, options, eval_json, layout.report, ctx.db, "evaluate", on_part=on_part
+    )
+    for w in results.get("forgetting", {}).get("warnings", []):
+        ctx.log(f"[evaluate] {warning_line(w)}")
+    return summary(results) | {
+        "samples": results["samples"],
+        "report": str(layout.report),
+        "eval_json": str(eval_json),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 ACTIVITIES: dict[str, Callable[..., dict[str, Any]]] = {
@@ -719,15 +767,16 @@ ACTIVITIES: dict[str, Callable[..., dict[str, Any]]] = {
 
 def stage_folders(run_dir: Path, cfg: RunConfig, spec: StageSpec) -> list[tuple[Path, bool]]:
     """The folders a stage alone writes into, as ``(folder, recursive)`` (checkpoint folders
-    clean up after themselves in :mod:`deeplm.train.checkpoint`)."""
+    clean up after themselves in :mod:`deeplm.run.checkpoint`)."""
+    layout = RunLayout(run_dir)
     if spec.activity == "prepare":
-        return [(run_dir / "data", True)]
+        return [(layout.data_dir, True)]
     if spec.activity == "train_tokenizer":
-        return [(tokenizer_path(run_dir).parent, False)]
+        return [(layout.tokenizer_dir, False)]
     if spec.activity == "tokenize" and spec.arg is not None:
-        return [(shard_prefix(run_dir, cfg.phases[spec.arg].name, "train").parent, False)]
+        return [(layout.shards_dir(cfg.phases[spec.arg].name), False)]
     if spec.activity == "evaluate":
-        return [(run_dir, False), (run_dir / "report", False)]
+        return [(layout.root, False), (layout.report_dir, False)]
     return []
 
 
@@ -739,32 +788,3 @@ def run_stage(ctx: RunContext, spec: StageSpec) -> dict[str, Any]:
             ctx.log(f"[{spec.name}] removed an unfinished file of an earlier attempt: {path}")
     fn = ACTIVITIES[spec.activity]
     return fn(ctx) if spec.arg is None else fn(ctx, spec.arg)
-
-
-def corrupt_checkpoint_warnings(run_dir: Path, cfg: RunConfig) -> list[str]:
-    """One line per checkpoint moved aside as corrupted that is newer than every intact one,
-    i.e. the model in use is older than the run got (one trained again since is no news)."""
-    newest = (-1, -1)
-    corrupt = []
-    for i, phase in enumerate(cfg.phases):
-        folder = phase_dir(run_dir, i, phase)
-        for c in ckpt.list_checkpoints(folder):
-            newest = max(newest, (i, c.step))
-        for path, reason in ckpt.corrupt_checkpoints(folder):
-            digits = path.name.removeprefix("step-").removesuffix(".corrupt")
-            step = int(digits) if digits.isdigit() else 1 << 62
-            corrupt.append(((i, step), path, reason))
-    return [
-        f"checkpoint {path} is corrupt and not used ({reason})"
-        for key, path, reason in corrupt
-        if key > newest
-    ]
-
-
-def latest_model_checkpoint(run_dir: Path, cfg: RunConfig) -> Path | None:
-    """The newest complete checkpoint of the latest phase that has one."""
-    for i in reversed(range(len(cfg.phases))):
-        latest = ckpt.latest_checkpoint(phase_dir(run_dir, i, cfg.phases[i]))
-        if latest is not None:
-            return latest.path
-    return None

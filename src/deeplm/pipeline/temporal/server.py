@@ -275,24 +275,7 @@ def start_dev_server(
         )
     finally:
         log_fh.close()
-    target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + wait_s
-    while True:
-        if proc.poll() is not None:
-            raise TemporalServerError(
-                f"the Temporal dev server exited with code {proc.returncode} at start "
-                f"(is port {port} in use?); its log {log_path}:\n{_log_tail(log_path)}"
-            )
-        if cli_healthy(binary, target):
-            break
-        if time.monotonic() > deadline:
-            proc.terminate()
-            proc.wait()
-            raise TemporalServerError(
-                f"the Temporal dev server did not become healthy in {wait_s:.0f}s; "
-                f"its log {log_path}:\n{_log_tail(log_path)}"
-            )
-        time.sleep(0.2)
+    _wait_healthy(proc, binary, port, log_path, wait_s)
     server = DevServer(
         address=address,
         ui_url=ui_url,
@@ -303,6 +286,31 @@ def start_dev_server(
     )
     (state_dir / INFO_FILE).write_text(json.dumps(asdict(server), indent=2), encoding="utf-8")
     return server, proc
+
+
+def _wait_healthy(
+    proc: subprocess.Popen, binary: Path, port: int, log_path: Path, wait_s: float
+) -> None:
+    """Wait until the dev server just started answers its health check; a server that exits
+    or stays unhealthy for ``wait_s`` seconds raises TemporalServerError with its log's tail."""
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        if proc.poll() is not None:
+            raise TemporalServerError(
+                f"the Temporal dev server exited with code {proc.returncode} at start "
+                f"(is port {port} in use?); its log {log_path}:\n{_log_tail(log_path)}"
+            )
+        if cli_healthy(binary, target):
+            return
+        if time.monotonic() > deadline:
+            proc.terminate()
+            proc.wait()
+            raise TemporalServerError(
+                f"the Temporal dev server did not become healthy in {wait_s:.0f}s; "
+                f"its log {log_path}:\n{_log_tail(log_path)}"
+            )
+        time.sleep(0.2)
 
 
 async def ensure_server(

@@ -9,6 +9,11 @@ in a thread pool, so training never blocks the worker's event loop.
 Ctrl-C or SIGTERM shuts down gracefully: running stages stop at their next safe point (training
 writes a checkpoint first) and report a retryable error, so another worker resumes them. A
 second Ctrl-C leaves at once (the newest checkpoint is still there).
+
+The command line is ``deeplm worker`` (or ``deeplm temporal worker``; options in
+:mod:`deeplm.cli`); ``scripts/temporal_worker.py`` is a thin wrapper around it.
+``temporalio.worker`` is imported where the workers are built: it loads the SDK's native
+runtime, which a process that only imports this module (tests, ``--help``) must not load.
 """
 
 from __future__ import annotations
@@ -23,16 +28,20 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
-from deeplm.workflows.temporal_server import (
+from deeplm.device import select_device
+from deeplm.pipeline.stages import ACTIVITIES
+from deeplm.pipeline.temporal.activities import all_activities
+from deeplm.pipeline.temporal.client import connect
+from deeplm.pipeline.temporal.server import (
     QUEUE_KINDS,
     TemporalServerError,
-    add_connection_args,
     ensure_server,
     hard_exit,
     resolve_address,
     server_healthy,
     task_queues,
 )
+from deeplm.pipeline.temporal.workflow import STAGE_ACTIVITY_NAMES, DeeplmPipeline
 
 # How often a running activity's heartbeat reaches the server at most (the SDK throttles to
 # this); it bounds how long a cancel takes to reach a running stage.
@@ -48,9 +57,7 @@ def build_workers(
     graceful_s: float,
 ) -> list[object]:
     """One ``temporalio.worker.Worker`` per task queue kind; the workflow runs on the cpu one."""
-    from temporalio.worker import Worker
-
-    from deeplm.workflows.pipeline import DeeplmPipeline, all_activities
+    from temporalio.worker import Worker  # the native runtime: see the module's docstring
 
     names = task_queues(prefix)
     identity = f"{socket.gethostname()}:{os.getpid()}"
@@ -76,8 +83,6 @@ def build_workers(
 
 def local_device() -> str:
     """The device this machine's stages train on (``cuda``, ``mps`` or ``cpu``)."""
-    from deeplm.train.device import select_device
-
     return select_device("auto").type
 
 
@@ -88,13 +93,10 @@ def worker_identity(queue: str, device: str, where: str) -> str:
 
 
 def _check_stage_registry() -> None:
-    from deeplm.workflows.activities import ACTIVITIES
-    from deeplm.workflows.pipeline import STAGE_ACTIVITY_NAMES
-
     if sorted(ACTIVITIES) != sorted(STAGE_ACTIVITY_NAMES):
         raise RuntimeError(
-            f"pipeline.STAGE_ACTIVITY_NAMES {sorted(STAGE_ACTIVITY_NAMES)} does not match "
-            f"activities.ACTIVITIES {sorted(ACTIVITIES)}"
+            f"workflow.STAGE_ACTIVITY_NAMES {sorted(STAGE_ACTIVITY_NAMES)} does not match "
+            f"stages.ACTIVITIES {sorted(ACTIVITIES)}"
         )
 
 
@@ -128,8 +130,6 @@ async def run_worker(args: argparse.Namespace) -> int:
         await ensure_server(address, Path(args.state_dir), ui=True)
     else:
         await _wait_for_server(address, args.wait_for_server)
-    from deeplm.workflows.temporal_client import connect
-
     client = await connect(address, args.namespace)
     slots = {"cpu": args.cpu_slots, "gpu": args.gpu_slots}
     executor = ThreadPoolExecutor(
@@ -176,49 +176,6 @@ async def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(
-        prog="temporal_worker.py", description=__doc__.splitlines()[0]
-    )
-    add_connection_args(p)
-    p.add_argument(
-        "--queues",
-        default="cpu,gpu",
-        help="which task queues to serve: cpu, gpu or cpu,gpu (default both)",
-    )
-    p.add_argument("--cpu-slots", type=int, default=2, help="concurrent CPU stages (default 2)")
-    p.add_argument("--gpu-slots", type=int, default=1, help="concurrent GPU stages (default 1)")
-    p.add_argument(
-        "--graceful",
-        type=float,
-        default=120.0,
-        help="seconds a shutdown waits for running stages to checkpoint and stop (default 120)",
-    )
-    p.add_argument(
-        "--wait-for-server",
-        type=float,
-        default=0.0,
-        help="give up when no server answers within this many seconds (default 0: wait forever)",
-    )
-    p.add_argument(
-        "--start-server",
-        action="store_true",
-        help="start a local dev server when none answers (state in --state-dir)",
-    )
-    p.add_argument(
-        "--state-dir",
-        default="runs/temporal",
-        help="dev server state folder for --start-server (default runs/temporal)",
-    )
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``deeplm worker`` / ``scripts/temporal_worker.py``; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    return run_worker_command(args)
-
-
 def run_worker_command(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(run_worker(args))
@@ -227,7 +184,3 @@ def run_worker_command(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    hard_exit(main())

@@ -1,1 +1,0 @@
-"""Orchestration: the StateDB, the idempotent stage activities and the orchestrators."""
