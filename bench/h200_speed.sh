@@ -31,12 +31,12 @@ if [ "$GRID" = explore ]; then
     "model-liger|--batch 64 --compile-scope model --head liger --optimizer muon"
     "model-logits-cudagraphs|--batch 64 --compile-scope model --compile-mode reduce-overhead --head logits --optimizer muon"
   )
-else
+else  # the table re-measured side by side, each configuration cold, one at a time
   CONFIGS=(
-    "table-b128|--batch 128 --nanogpt --compile-scope block model --head chunked --optimizer adamw"
+    "nanogpt-b128|--batch 128 --nanogpt --skip-grid"
     "default-b128|--batch 128 --compile-scope model --compile-mode auto --head auto --optimizer muon"
-    "default-b64|--batch 64 --compile-scope model --compile-mode auto --head auto --optimizer muon"
-    "flash-b64|--batch 64 --sdpa flash --compile-scope model --compile-mode auto --head auto --optimizer muon"
+    "block-b128|--batch 128 --compile-scope block --compile-mode default --head chunked --optimizer adamw"
+    "model-b128|--batch 128 --compile-scope model --compile-mode default --head chunked --optimizer adamw"
   )
 fi
 
