@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import os
 import platform
 import re
 import subprocess
@@ -420,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         return _rank_main(cfg, args)
     device = select_device(args.device)
     if args.sdpa != "auto":  # only this backend (set before anything compiles)
+        # a cached compiled graph would keep the backend it was traced with (seen on an H200)
+        os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
+        os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
         for name in ("flash", "cudnn", "mem_efficient", "math"):
             on = name == args.sdpa or (args.sdpa == "efficient" and name == "mem_efficient")
             getattr(torch.backends.cuda, f"enable_{name}_sdp")(on)
