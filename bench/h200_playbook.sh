@@ -1,30 +1,23 @@
 #!/usr/bin/env bash
 # The 60m playbook on one CUDA GPU from pre-tokenized offline shards (prepared on a CPU machine
 # with `deeplm prepare`, see bench/NOTES.md), plus a CUDA smoke test and a short throughput
-# comparison that picks eager or per-block compile. Writes logs and results to $OUT (or ./out).
+# figure of the default CUDA path (whole-model compile; micro-batches regrouped to 64 x 512 by
+# train.micro_batch_tokens, so no override is needed). Writes logs and results to $OUT (./out).
 #   usage: bench/h200_playbook.sh RUN_DIR [start|wait]
 set -uo pipefail
 RUN_DIR=${1:?run dir}; MODE=${2:-start}
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-GPU_SETS=(--set phases.0.micro_batch=64 --set phases.0.grad_accum=1
-          --set phases.1.micro_batch=64 --set phases.1.grad_accum=1)
 if [ "$MODE" = start ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   $PY -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())' | tee -a "$OUT/gpu.txt"
   $PY scripts/train.py --smoke-test 2>&1 | tee "$OUT/smoke.txt"
   $PY bench/throughput.py --preset 60m --batch 64 --seq-len 512 --precision bf16 \
-      --compile off on --steps 20 --warmup 5 --json "$OUT/bench_60m.json" 2>&1 | tee "$OUT/bench.txt"
-  COMPILE=$($PY - "$OUT/bench_60m.json" <<'PYEOF'
-import json, sys
-r = {x["compile"]: x["tokens_per_s"] for x in json.load(open(sys.argv[1]))["results"]}
-print("true" if r.get(True, 0) > 1.05 * r.get(False, 0) else "false")
-PYEOF
-)
-  echo "train.compile=$COMPILE" | tee -a "$OUT/bench.txt"
+      --compile on --compile-scope model --head auto --optimizer muon --steps 20 --warmup 5 \
+      --json "$OUT/bench_60m.json" 2>&1 | tee "$OUT/bench.txt"
   setsid nohup $PY -m deeplm.cli run --preset 60m --run-dir "$RUN_DIR" --no-progress \
-      "${GPU_SETS[@]}" --set train.compile="$COMPILE" --set train.log_every=50 \
+      --set train.log_every=50 \
       > "$RUN_DIR/train.log" 2>&1 < /dev/null &
   echo "playbook started (pid $!)"
 fi
