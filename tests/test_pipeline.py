@@ -108,6 +108,29 @@ def test_missing_shard_is_rebuilt(finished_run, tmp_path):
     assert victim.read_bytes() == before
 
 
+def test_partial_files_left_by_a_kill_after_the_shard_metadata_are_removed(finished_run, tmp_path):
+    """A kill between writing a shard's metadata and deleting its partial files leaves a
+    complete shard, its stage still running, and the partial files: the re-run removes them."""
+    import shutil
+
+    from deeplm.data.shards import shard_paths
+    from deeplm.run.layout import RunLayout
+
+    run_dir, cfg, _, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    layout = RunLayout(copy)
+    paths = shard_paths(layout.shard("grammar", "train"))
+    for stale in (paths.idx_partial, paths.partial_meta):
+        stale.write_bytes(b"left by a kill")
+    db = StateDB(layout.state_db)
+    db.start_stage("tokenize:grammar")
+    db.close()
+    summary = run_local(copy, cfg, log=lambda s: None)
+    assert summary["stages"]["tokenize:grammar"]["skipped"] is False
+    assert not paths.idx_partial.exists() and not paths.partial_meta.exists()
+
+
 def test_lock_refuses_a_second_driver(tmp_path):
     with run_lock(tmp_path):
         with pytest.raises(RunLocked, match="in use"):

@@ -48,6 +48,7 @@ __all__ = [
     "ShardStopped",
     "dtype_for_vocab",
     "is_shard_complete",
+    "remove_leftovers",
     "iter_docs",
     "shard_paths",
     "tokenize_to_shard",
@@ -274,6 +275,14 @@ def is_shard_complete(out_prefix: str | os.PathLike[str], tokenizer_hash: str) -
     return True
 
 
+def remove_leftovers(out_prefix: str | os.PathLike[str]) -> None:
+    """Delete the partial files of a shard whose metadata exists (a crash right after the
+    metadata was written and before they were removed leaves them behind)."""
+    paths = shard_paths(out_prefix)
+    for stale in (paths.bin_partial, paths.idx_partial, paths.partial_meta, paths.idx_tmp):
+        _unlink(stale)
+
+
 def _unlink(path: Path) -> None:
     try:
         path.unlink()
@@ -441,8 +450,7 @@ def tokenize_to_shard(
     if paths.meta.exists() and is_shard_complete(paths.prefix, tokenizer.hash):
         meta = _read_meta(paths.meta)
         if meta.docs_sha256 == docs_sha:
-            for stale in (paths.bin_partial, paths.idx_partial, paths.partial_meta, paths.idx_tmp):
-                _unlink(stale)  # leftovers of a crash right after the metadata was written
+            remove_leftovers(paths.prefix)
             return meta
 
     dtype = dtype_for_vocab(tokenizer.vocab_size)

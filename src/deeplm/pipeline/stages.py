@@ -37,6 +37,7 @@ from deeplm.data.shards import (
     ShardResumeError,
     ShardStopped,
     is_shard_complete,
+    remove_leftovers,
     tokenize_to_shard,
 )
 from deeplm.data.sources import Document, SourceError, SourceStats, iter_source
@@ -441,6 +442,7 @@ def tokenize(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
         for split in SPLITS:
             prefix = layout.shard(phase.name, split)
             if is_shard_complete(prefix, tok.hash):
+                remove_leftovers(prefix)  # a kill between the metadata and the cleanup
                 meta = Shard.open(prefix, tok.hash).meta
             else:
                 meta = _tokenize_split(ctx, phase_idx, split, tok, cursors)
