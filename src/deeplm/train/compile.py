@@ -7,8 +7,7 @@ Defaults (``train.compile = "auto"`` etc.) are the fastest measured per device (
 docs/performance.md): on CUDA the whole model is compiled, the loss goes through full logits
 (fused by the compiler) and micro-batches grow to ``train.micro_batch_tokens``; CUDA graphs
 (``train.compile_mode = "reduce-overhead"``, one micro-batch per step) are measured faster still
-but opt-in; on CPU and MPS training runs eager with the phase's
-micro-batch and the chunked head.
+but opt-in. On CPU and MPS training runs eager with the phase's micro-batch and the chunked head.
 """
 
 from __future__ import annotations
