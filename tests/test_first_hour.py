@@ -19,11 +19,15 @@ import pytest
 
 from bench.fault_injection import to_toml
 from deeplm.config import config_from_dict
-from deeplm.data.clean import split_for
+from deeplm.data.clean import split_for, split_score
+from deeplm.data.shards import Shard
 from deeplm.eval.forgetting import forgetting_warnings
 from deeplm.pipeline.local import run_local
+from deeplm.pipeline.stages import VAL_CHARS_PER_TOKEN
 from deeplm.pipeline.status import status
+from deeplm.run.layout import RunLayout
 from deeplm.run.state_db import StateDB
+from deeplm.tokenizer import Tokenizer
 from tests.finished_run import cli_env, micro_run, one_thread, run_cli
 from tests.helpers import two_phase_config
 
@@ -129,28 +133,31 @@ def test_copied_preset_says_which_relative_path_to_change(tmp_path):
     assert "change the path there, or give an absolute path" in r.stderr
 
 
-def _finetune_docs(folder: Path, seed: int, val_fraction: float) -> None:
-    """Short documents for a fine-tune phase: 30 for training, exactly 1 for validation."""
+def _finetune_docs(folder: Path, seed: int, val_fraction: float, n_train: int = 30) -> None:
+    """Short documents (about 300 characters) for a fine-tune phase: ``n_train`` for training,
+    exactly 1 for validation, and one too short to keep."""
     words = "the a model reads writes short plain prose line river house green old new".split()
     words += "quiet slow evening morning garden letter friend city road window small".split()
     folder.mkdir()
-    n_train = n_val = i = 0
-    while n_train < 30 or n_val < 1:
+    kept = {"train": 0, "val": 0}
+    i = 0
+    while kept["train"] < n_train or kept["val"] < 1:
         rng = random.Random(i)
         text = f"Note {i}: " + " ".join(rng.choice(words) for _ in range(45)) + "."
         split = split_for(text, val_fraction, seed)
-        if (split == "val" and n_val < 1) or (split == "train" and n_train < 30):
+        if kept[split] < (n_train if split == "train" else 1):
             (folder / f"{i:03d}.txt").write_text(text)
-            n_train += split == "train"
-            n_val += split == "val"
+            kept[split] += 1
         i += 1
     (folder / "zz-tiny.txt").write_text("Too short to keep.")
 
 
-def test_too_small_finetune_shard_fails_before_the_first_training_step(tmp_path):
-    d = two_phase_config("small-ft")
+def _finetune_config(tmp_path: Path, name: str, n_train: int) -> Path:
+    """Two phases, the second a fine-tune at context 256 on :func:`_finetune_docs` (in
+    ``tmp_path / "ft"``) plus the too-short file as a source of its own."""
+    d = two_phase_config(name)
     d["model"]["max_seq_len"] = 256
-    _finetune_docs(tmp_path / "ft", d["seed"], 0.1)
+    _finetune_docs(tmp_path / "ft", d["seed"], 0.1, n_train)
     d["phases"][1] = dict(
         d["phases"][1],
         name="finetune",
@@ -163,16 +170,66 @@ def test_too_small_finetune_shard_fails_before_the_first_training_step(tmp_path)
             {"kind": "files", "path": "ft/zz-tiny.txt"},
         ],
     )
-    cfg = _config(tmp_path, d)
+    return _config(tmp_path, d)
+
+
+def _texts(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.open()]
+
+
+def test_too_small_finetune_shard_fails_before_the_first_training_step(tmp_path):
+    # 5 training documents hold fewer characters than validation would need, so none can move
+    # there: the validation split stays one short document
+    cfg = _finetune_config(tmp_path, "small-ft", n_train=5)
     run = tmp_path / "run"
     r = run_cli("run", "--config", str(cfg), "--run-dir", str(run))
     assert r.returncode == 2, r.stdout + r.stderr
+    assert "moved to validation" not in r.stdout
     assert "phase 'finetune' (phases[1]): its val shard holds" in r.stderr
     assert "fewer than one window of 257 tokens at context 256" in r.stderr
     assert not (run / "checkpoints").exists()  # phase 1 did not train first
     # the source the filters dropped entirely is a console warning naming it and why
     assert "warning: finetune: source files:ft/zz-tiny.txt was dropped entirely" in r.stdout
     assert "too short" in r.stdout
+
+
+def test_too_small_val_split_is_topped_up_from_training_documents(tmp_path):
+    cfg = _finetune_config(tmp_path, "topped-up", n_train=30)
+    seed = two_phase_config()["seed"]
+    run = tmp_path / "run"
+    r = run_cli("prepare", "--config", str(cfg), "--run-dir", str(run))
+    assert r.returncode == 0, r.stdout + r.stderr
+    layout = RunLayout(run)
+    train, val = (_texts(layout.docs("finetune", s)) for s in ("train", "val"))
+    # the hash split gave validation one short document; the rest are training documents
+    (val_doc,) = [t for t in train + val if split_for(t, 0.1, seed) == "val"]
+    assert val[0] == val_doc
+    moved = val[1:]
+    assert moved and all(split_for(t, 0.1, seed) == "train" for t in moved)
+    m = re.search(r"\[prepare\] finetune: (\d+) training documents moved to validation", r.stdout)
+    assert m and int(m.group(1)) == len(moved), r.stdout
+    need = VAL_CHARS_PER_TOKEN * 257
+    assert sum(map(len, val)) >= need
+    assert sum(map(len, train)) >= need  # the training split keeps enough too
+    assert not set(train) & set(val)
+    assert len(train) + len(moved) == 30
+    # the moved ones were training documents of the source, nearest the val side of the split
+    sources = {p.read_text() for p in (tmp_path / "ft").glob("*.txt")}
+    assert set(moved) <= sources
+    scores = sorted(split_score(t, seed) for t in train)
+    assert max(split_score(t, seed) for t in moved) < scores[0]
+    # the tokenize stage saw the topped-up split: one window at context 256 now fits
+    m = re.search(r"\[tokenize:finetune\] val: .* -> ([\d,]+) tokens", r.stdout)
+    n_val = int(m.group(1).replace(",", "")) if m else None
+    tok = Tokenizer.load(layout.tokenizer)
+    assert Shard.open(layout.shard("finetune", "val"), tok.hash).meta.n_tokens == n_val >= 257
+    # the same configuration prepares the same files
+    again = tmp_path / "again"
+    r = run_cli("prepare", "--config", str(cfg), "--run-dir", str(again))
+    assert r.returncode == 0, r.stdout + r.stderr
+    for s in ("train", "val"):
+        path = layout.docs("finetune", s)
+        assert RunLayout(again).docs("finetune", s).read_bytes() == path.read_bytes()
 
 
 # ------------------------------------------------------------------ interrupted runs

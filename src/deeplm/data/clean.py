@@ -310,6 +310,13 @@ class Deduper:
 # --------------------------------------------------------------------------------------- split
 
 
+def split_score(text: str, seed: int) -> float:
+    """Where ``text`` falls in [0, 1) for the train/val split: a pure function of (seed, text).
+    Texts below a phase's ``val_fraction`` are its validation documents."""
+    h = hashlib.sha256(f"{seed}\x00".encode() + text.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64
+
+
 def split_for(text: str, val_fraction: float, seed: int) -> str:
     """``"val"`` or ``"train"`` for ``text``: a pure function of (seed, text), order-free.
 
@@ -317,8 +324,7 @@ def split_for(text: str, val_fraction: float, seed: int) -> str:
     """
     if not 0.0 <= val_fraction <= 1.0:
         raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
-    h = hashlib.sha256(f"{seed}\x00".encode() + text.encode("utf-8", "surrogatepass")).digest()
-    return "val" if int.from_bytes(h[:8], "big") / 2.0**64 < val_fraction else "train"
+    return "val" if split_score(text, seed) < val_fraction else "train"
 
 
 # -------------------------------------------------------------------------------------- driver

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 
 from deeplm.atomic import atomic_replace, remove_stale_temps
 from deeplm.config import PhaseConfig, RunConfig, SourceConfig
-from deeplm.data.clean import CleanStats, Deduper, clean_documents, split_for
+from deeplm.data.clean import CleanStats, Deduper, clean_documents, split_for, split_score
 from deeplm.data.instructions import iter_instructions, scrub_special
 from deeplm.data.kinds import excluded_kind
 from deeplm.data.loader import n_windows
@@ -287,15 +287,57 @@ def _prepare_source(ctx: RunContext, phase: PhaseConfig, i: int, dedup: Deduper)
     return info
 
 
+# A phase's validation split should hold at least one window at its longest context. Tokens
+# are not known before the tokenizer exists: this many characters per token is a generous bound
+# (byte-level BPE on English prose averages about 4).
+VAL_CHARS_PER_TOKEN = 8
+
+
+def _val_top_up(ctx: RunContext, phase: PhaseConfig) -> set[str]:
+    """Training documents (by text) that move to validation because the hash split left it too
+    small for one window: those nearest the val side of the split first, while the training
+    split keeps at least as much text as validation needs. A pure function of the parts, so a
+    re-run after a kill picks the same ones. Usually empty."""
+    need = VAL_CHARS_PER_TOKEN * (max(phase_contexts(phase)) + 1)
+    parts = {
+        s: [ctx.layout.doc_part(phase.name, i, s) for i in range(len(phase.sources))]
+        for s in SPLITS
+    }
+    val_chars = sum(len(t) for p in parts["val"] for t in _iter_jsonl_texts(p))
+    if val_chars >= need:
+        return set()
+    train = [
+        (split_score(t, ctx.cfg.seed), t) for p in parts["train"] for t in _iter_jsonl_texts(p)
+    ]
+    train_chars = sum(len(t) for _, t in train)
+    moved: set[str] = set()
+    for _, text in sorted(train):
+        if val_chars >= need or train_chars - len(text) < need:
+            break
+        moved.add(text)
+        val_chars += len(text)
+        train_chars -= len(text)
+    if moved:
+        ctx.log(
+            f"[prepare] {phase.name}: {len(moved)} training documents moved to validation "
+            f"({val_chars:,} characters now) so that it holds a window at context "
+            f"{max(phase_contexts(phase))}"
+        )
+    return moved
+
+
 def _assemble_phase(ctx: RunContext, phase_idx: int, phase_report: dict[str, Any]) -> None:
-    """The phase's split files from its parts (atomic, cheap); the training split ends with the
-    replayed documents of earlier phases (``phase.replay``). Recorded as ``docs`` artifacts."""
+    """The phase's split files from its parts (atomic, cheap), topped up as
+    :func:`_val_top_up` says; the training split ends with the replayed documents of earlier
+    phases (``phase.replay``). Recorded as ``docs`` artifacts."""
     phase = ctx.cfg.phases[phase_idx]
+    moved = _val_top_up(ctx, phase)
     for s in SPLITS:
         parts = [ctx.layout.doc_part(phase.name, i, s) for i in range(len(phase.sources))]
         out = ctx.layout.docs(phase.name, s)
         replayed = [0]
-        n = _write_jsonl_atomic(out, _phase_texts(ctx, phase_idx, parts, s, replayed))
+        texts = _phase_texts(ctx, phase_idx, parts, s, replayed, moved)
+        n = _write_jsonl_atomic(out, texts)
         n -= replayed[0]
         if replayed[0]:
             phase_report["replay_docs"] = replayed[0]
@@ -353,16 +395,28 @@ def replay_texts(run_dir: Path, cfg: RunConfig, phase_idx: int, own_chars: int) 
 
 
 def _phase_texts(
-    ctx: RunContext, phase_idx: int, parts: list[Path], split: str, replayed: list[int]
+    ctx: RunContext,
+    phase_idx: int,
+    parts: list[Path],
+    split: str,
+    replayed: list[int],
+    moved: set[str],
 ) -> Iterator[str]:
-    """A phase's documents of one split from its parts, then (train only) the replayed ones,
-    counted in ``replayed[0]``."""
+    """A phase's documents of one split from its parts (``moved`` training documents go to
+    validation instead), then (train only) the replayed ones, counted in ``replayed[0]``."""
     own_chars = 0
     for p in parts:
         for text in _iter_jsonl_texts(p):
+            if split == "train" and text in moved:
+                continue
             own_chars += len(text)
             yield text
     if split != "train":
+        if moved:  # in the training parts' order
+            phase = ctx.cfg.phases[phase_idx]
+            for i in range(len(phase.sources)):
+                part = ctx.layout.doc_part(phase.name, i, "train")
+                yield from (t for t in _iter_jsonl_texts(part) if t in moved)
         return
     for text in replay_texts(ctx.run_dir, ctx.cfg, phase_idx, own_chars):
         replayed[0] += 1
@@ -591,7 +645,8 @@ def train_phase(ctx: RunContext, phase_idx: int) -> dict[str, Any]:
     check_shard_windows(ctx, tok)
     shards = tuple(open_verified_shard(ctx, phase_idx, s, tok) for s in SPLITS)
     ctx.db.start_stage(stage)
-    ctx.db.upsert_phase(phase.name, phase_idx, status="running", total_steps=phase.total_steps)
+    steps = phase.epoch_capped(shards[0].meta.n_tokens).total_steps
+    ctx.db.upsert_phase(phase.name, phase_idx, status="running", total_steps=steps)
     try:
         if distributed.world_size_of(cfg.train) > 1 and not distributed.under_torchrun():
             # several devices/nodes: torchrun runs the ranks; this process stays the only
