@@ -44,3 +44,12 @@ def two_phase_config(name: str = "micro", save_every: int = 8) -> dict:
     from bench.fault_injection import micro_two_phase
 
     return micro_two_phase(save_every) | {"name": name}
+
+
+def drop_none(d):
+    """``d`` without its None values, recursively (TOML has no null)."""
+    if isinstance(d, dict):
+        return {k: drop_none(v) for k, v in d.items() if v is not None}
+    if isinstance(d, list):
+        return [drop_none(v) for v in d]
+    return d

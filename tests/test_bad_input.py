@@ -17,6 +17,7 @@ import pytest
 from bench.fault_injection import to_toml
 from deeplm.config import ConfigError, load_config
 from tests.finished_run import micro_run, run_cli
+from tests.helpers import drop_none
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +37,8 @@ def _config_toml(run: Path, tmp_path: Path) -> Path:
     """The run's own config as a TOML file (what its user would pass to ``deeplm run``)."""
     data = json.loads((run / "config.json").read_text())
     path = tmp_path / "run.toml"
-    path.write_text(to_toml(_drop_none(data)))
+    path.write_text(to_toml(drop_none(data)))
     return path
-
-
-def _drop_none(d):
-    if isinstance(d, dict):
-        return {k: _drop_none(v) for k, v in d.items() if v is not None}
-    if isinstance(d, list):
-        return [_drop_none(v) for v in d]
-    return d
 
 
 def _error(proc, *needles: str) -> str:

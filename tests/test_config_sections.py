@@ -23,7 +23,7 @@ from deeplm.config import (
 # Every phase key a config file, an override or a run's config.json may hold (as before the
 # sections): none may disappear or be renamed.
 PHASE_KEYS = {
-    "name", "kind", "sources", "exclude_kinds", "tokens", "val_fraction", "seq_len",
+    "name", "kind", "sources", "exclude_kinds", "tokens", "max_epochs", "val_fraction", "seq_len",
     "micro_batch", "grad_accum", "optimizer", "lr", "min_lr_ratio", "warmup_frac", "schedule",
     "decay_frac", "adamw_lr", "muon_momentum", "muon_ns_steps", "muon_adjust_lr",
     "weight_decay", "beta1", "beta2", "grad_clip", "eval_every", "eval_batches", "save_every",

@@ -160,3 +160,66 @@ def test_adafactor_with_an_adamw_sized_lr_is_warned_about():
         assert isinstance(
             build_optimizer(model, cfg.phases[0], torch.device("cpu")), torch.optim.Adafactor
         )
+
+
+def test_throughput_keeps_compile_eval_samples_and_checkpoints_apart(corpus, tmp_path):
+    """Each record's tokens/s counts training steps only; the first step of each graph state
+    (start, new context), evaluations, samples and checkpoints are reported beside it, and
+    phase_timing adds them up per curriculum stage."""
+    from deeplm.eval.report import render_report
+    from deeplm.eval.timing import phase_timing
+
+    cfg = micro_config(curriculum=[{"at": 0.0, "seq_len": 32}, {"at": 0.5, "seq_len": 64}])
+    cfg["train"]["log_every"] = 2
+    outcome, trainer = _train(corpus, tmp_path, cfg)
+    recs = [json.loads(line) for line in (tmp_path / "metrics" / "p1.jsonl").open()]
+    train = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    assert train[0]["compile_s"] > 0 and "eval_s" not in train[0]  # step 1: the first step
+    assert "checkpoint_s" not in train[0]  # the save after step 2 follows its record
+    assert train[1]["checkpoint_s"] > 0  # ... and counts in the next window
+    assert train[1]["eval_s"] > 0 and train[1]["samples_s"] > 0  # evaluated after step 3
+    assert train[1]["compile_s"] > 0  # step 4 starts context 64: a new graph state
+    assert "compile_s" not in train[2] and train[2]["checkpoint_s"] > 0
+    per_step = 4 * 64
+    for r in train:  # one of the window's two steps was excluded in the first two windows
+        trained = per_step * (1 if "compile_s" in r else 2)
+        assert r["tokens_per_s"] * r["train_s"] == pytest.approx(trained)
+        excluded = sum(r.get(f"{k}_s", 0.0) for k in ("compile", "eval", "samples", "checkpoint"))
+        assert r["train_s"] > 0 and excluded >= 0
+    timing = phase_timing(recs)
+    assert timing is not None
+    assert timing["tokens"] == per_step * 4  # 6 steps, 2 of them first steps of a graph state
+    assert [(s["seq_len"], s["tokens"]) for s in timing["stages"]] == [(32, 256), (64, 768)]
+    spent = timing["train_s"] + sum(timing[f"{k}_s"] for k in ("compile", "eval", "samples"))
+    assert spent + timing["checkpoint_s"] <= train[-1]["elapsed_s"] + 1e-6
+    results = {"training": {"p1": timing}}
+    text = render_report(trainer.cfg, results, corpus["tokenizer"], "x", None, [])
+    assert "## Training time" in text and "| p1 | 32, 64 | 0, 0 |" in text
+
+
+def test_max_epochs_cuts_the_budget_to_passes_over_the_shard(corpus, tmp_path):
+    shard = corpus["train"].meta.n_tokens
+    per_step = 4 * 64
+    d = micro_config(tokens=shard * 10, max_epochs=1.5, eval_every=0, save_every=0)
+    cfg = config_from_dict(d)
+    lines, events = [], []
+    hooks = TrainHooks(log=lines.append, on_event=lambda k, m, data: events.append((k, data)))
+    trainer = PhaseTrainer(
+        cfg, 0, tmp_path, corpus["tokenizer"], corpus["train"], corpus["val"], hooks=hooks
+    )
+    outcome = trainer.run()
+    expected = int(1.5 * shard) // per_step
+    assert outcome.status == "done" and outcome.step == outcome.total_steps == expected
+    assert outcome.tokens == expected * per_step <= 1.5 * shard
+    said = [line for line in lines if "passes over the" in line]
+    assert len(said) == 1 and "10.0 passes" in said[0] and "max_epochs = 1.5" in said[0]
+    assert events[0] == ("epochs", {"tokens": expected * per_step, "asked": shard * 10})
+    # under the cap: the budget is the configured one, and nothing is said
+    d = micro_config(max_epochs=4)
+    lines.clear()
+    trainer = PhaseTrainer(
+        config_from_dict(d), 0, tmp_path / "b", corpus["tokenizer"], corpus["train"],
+        corpus["val"], hooks=TrainHooks(log=lines.append),
+    )  # fmt: skip
+    assert trainer.run().step == 6 and not [line for line in lines if "passes over" in line]

@@ -141,6 +141,7 @@ def render_report(
                 else f"| {p.name} | {p.step} | {p.tokens:,} | - | - | - |"
             )
         lines.append("")
+    lines += _training_lines(results.get("training", {}))
     lines += [
         "## Final model on each phase's validation data",
         "",
@@ -173,6 +174,47 @@ def render_report(
         lines.append(", ".join(f"{k} {v:.1f} s" for k, v in secs.items()))
     lines.append("")
     return "\n".join(lines)
+
+
+def _training_lines(timing: dict[str, Any]) -> list[str]:
+    """Per phase (and per curriculum stage where a phase had several): the seconds of training
+    steps and apart from them, tokens/s and MFU over the training seconds, peak memory."""
+    if not timing:
+        return []
+    lines = [
+        "## Training time",
+        "",
+        "Training seconds exclude the first step of each graph state (compile and warm-up), "
+        "evaluations, samples and checkpoints, which are listed apart; tokens/s and MFU are over "
+        "the training seconds.",
+        "",
+        "| phase | context | frozen | training (s) | compile (s) | eval + samples (s) | "
+        "checkpoints (s) | tokens/s | MFU | peak memory (GB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, t in timing.items():
+        stages = t.get("stages", [])
+        seq = ", ".join(str(s["seq_len"]) for s in stages) if stages else "-"
+        frozen = ", ".join(str(s["frozen_layers"]) for s in stages) if stages else "-"
+        lines.append(_timing_row(name, seq, frozen, t))
+        if len(stages) > 1:
+            for s in stages:
+                lines.append(_timing_row(f"  {name}", s["seq_len"], s["frozen_layers"], s))
+    lines.append("")
+    return lines
+
+
+def _timing_row(name: str, seq: Any, frozen: Any, t: dict[str, Any]) -> str:
+    evals = None
+    if "eval_s" in t:
+        evals = t["eval_s"] + t.get("samples_s", 0.0)
+    mfu = t.get("mfu")
+    return (
+        f"| {name} | {seq} | {frozen} | {_f(t.get('train_s'), '.1f')} | "
+        f"{_f(t.get('compile_s'), '.1f')} | {_f(evals, '.1f')} | "
+        f"{_f(t.get('checkpoint_s'), '.1f')} | {_f(t.get('tokens_per_s'), ',.0f')} | "
+        f"{'-' if mfu is None else f'{100 * mfu:.1f} %'} | {_f(t.get('peak_memory_gb'), '.1f')} |"
+    )
 
 
 def _forgetting_lines(f: dict[str, Any]) -> list[str]:

@@ -42,6 +42,7 @@ from deeplm.eval.probes import load_probes, run_probes
 from deeplm.eval.report import render_report, write_loss_plots
 from deeplm.eval.richness import richness, word_counts, words
 from deeplm.eval.samples import sample_texts
+from deeplm.eval.timing import training_timing
 from deeplm.export.loading import LoadedModel, load_model
 from deeplm.model.transformer import Transformer
 from deeplm.run.layout import RunLayout
@@ -323,6 +324,7 @@ def evaluate(
     )
     results["checkpoint"] = str(loaded.source)
     results["total_seconds"] = time.perf_counter() - t0
+    results["training"] = training_timing(run_dir, cfg)
     pngs = write_loss_plots(run_dir, cfg, json_path.parent)
     write_results(json_path, results)
     rel = [(name, os.path.relpath(p, report_path.parent)) for name, p in pngs]

@@ -3,12 +3,18 @@ LR, grad norm, tokens/s, MFU, context, micro-batch, frozen layers, peak memory),
 the orchestrator's ``on_progress`` callback.
 
 Losses are summed as device tensors and read once per logged step (``train.log_every``), so the
-loop does not wait on the device every micro-batch."""
+loop does not wait on the device every micro-batch.
+
+Time the loop spends on something other than training steps (the first step of a new graph
+state, which compiles; evaluations; samples; checkpoints) is kept out of the window's tokens/s and
+MFU and reported beside it: each record carries ``train_s`` (the window's training seconds) and
+``compile_s`` / ``eval_s`` / ``samples_s`` / ``checkpoint_s`` where the window had any."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -63,6 +69,25 @@ class ProgressReporter:
         self._unw_sum: torch.Tensor | None = None
         self._n = 0
         self._now = now
+        self._excluded: dict[str, float] = {}
+        self._excluded_tokens = 0
+
+    def exclude(self, kind: str, seconds: float, tokens: int = 0) -> None:
+        """Keep ``seconds`` (and the ``tokens`` trained in them) out of the window's throughput;
+        the record reports them as ``<kind>_s``."""
+        self._excluded[kind] = self._excluded.get(kind, 0.0) + seconds
+        self._excluded_tokens += tokens
+
+    @contextmanager
+    def excluded(self, kind: str) -> Iterator[None]:
+        """Time the block (the device synchronised at both ends) and :meth:`exclude` it."""
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.exclude(kind, time.perf_counter() - t0)
 
     def add(self, loss: torch.Tensor, unweighted: torch.Tensor) -> None:
         """Count one micro-batch's losses into the window (no device sync)."""
@@ -90,12 +115,19 @@ class ProgressReporter:
         """Log the window ending at ``at`` (``step``, ``tokens``, ``seq_len``, ``micro_batch``,
         ``frozen_layers``, ``last_checkpoint``) and open the next one."""
         step, tokens, seq_len = at["step"], at["tokens"], at["seq_len"]
-        tok_per_s = (tokens - self._tokens_last) / max(1e-9, self._now - self._t_last)
+        train_s = self._now - self._t_last - sum(self._excluded.values())
+        trained = tokens - self._tokens_last - self._excluded_tokens
+        if train_s <= 0 or trained <= 0:  # the window was all compile/eval: its raw figure
+            train_s, trained = self._now - self._t_last, tokens - self._tokens_last
+        tok_per_s = trained / max(1e-9, train_s)
         self.tokens_per_s = tok_per_s
         if seq_len not in self._flops:
             self._flops[seq_len] = flops_per_token(self.cfg.model, seq_len)
         mfu = tok_per_s * self._flops[seq_len] / self.peak if self.peak else None
-        self.metrics.log(self._record(at, loss, grad_norm, lr, tok_per_s, mfu))
+        record = self._record(at, loss, grad_norm, lr, tok_per_s, mfu)
+        record["train_s"] = max(0.0, train_s)
+        record.update({f"{kind}_s": secs for kind, secs in self._excluded.items()})
+        self.metrics.log(record)
         self.bar.set_postfix(
             loss=f"{loss:.3f}",
             lr=f"{lr:.2e}",

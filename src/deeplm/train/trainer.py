@@ -30,6 +30,7 @@ uninterrupted run on the same device.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from deeplm.device import (
     autocast_dtype,
     select_device,
     set_threads,
+    synchronize,
 )
 from deeplm.eval.perplexity import perplexity
 from deeplm.model import Transformer, build_model
@@ -140,7 +142,8 @@ class PhaseTrainer:
         self.cfg = cfg
         # how steps run on this device (compile, loss head, micro-batch size): deeplm.train.compile
         plan = step_plan(cfg.train, select_device(cfg.train.device))
-        phase = regroup(cfg.phases[phase_idx], plan.micro_batch_tokens)
+        capped = cfg.phases[phase_idx].epoch_capped(train_shard.meta.n_tokens)
+        phase = regroup(capped, plan.micro_batch_tokens)
         self.plan = fit_plan(plan, phase, distributed=self.parallel.distributed)
         self.phase = self.parallel.rank_phase(phase)
         self.phase_idx = phase_idx
@@ -161,6 +164,7 @@ class PhaseTrainer:
         self.stop_reason = "budget"
         self._train_module: nn.Module | None = None
         self._compiled_for: nn.Module | None = None
+        self._fresh = True  # the next step starts a graph state (see _step)
 
     # ------------------------------------------------------------------ main
 
@@ -184,6 +188,7 @@ class PhaseTrainer:
         self._initial_eval(step)
         self.train_model = self._compiled()
         self.progress = self._make_progress(step, tokens)
+        self._fresh = True  # the next step is the first of a graph state (it compiles)
         try:
             while step < phase.total_steps:
                 self.current_step = step
@@ -193,7 +198,7 @@ class PhaseTrainer:
                 self._follow_plan(step, tokens)
                 lr = self.guard.lr(step)
                 set_lr(self.optimizer, lr)
-                grad_norm = self._train_step()
+                grad_norm = self._step()
                 step, tokens = step + 1, tokens + phase.tokens_per_step
                 self.progress.advance()
                 self.watchdog.beat()
@@ -211,11 +216,32 @@ class PhaseTrainer:
                     self._save_final(step, tokens)
                     break
                 if self.checkpointer.should_save(step):
-                    path = self._save(step, tokens, final=False)
+                    with self.progress.excluded("checkpoint"):
+                        path = self._save(step, tokens, final=False)
                     self.progress.saved(step, tokens, str(path))
         finally:
             self.progress.close()
         return self._outcome(step, tokens)
+
+    def _step(self) -> torch.Tensor:
+        """One optimizer step. The first of a graph state (the loop's start, a new context, a
+        new frozen-layer count, a rollback) compiles when ``train.compile`` is on: it is timed,
+        logged, and kept out of the throughput figures."""
+        if not self._fresh:
+            return self._train_step()
+        self._fresh = False
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        grad_norm = self._train_step()
+        synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        self.progress.exclude("compile", seconds, self.phase.tokens_per_step)
+        self.hooks.log(
+            f"[{self.phase.name}] first step at context {self.loader.seq_len} with "
+            f"{self.model.n_frozen} frozen layers: {seconds:.1f}s"
+            + (" (compile and warm-up)" if self.plan.compile else "")
+        )
+        return grad_norm
 
     def _train_step(self) -> torch.Tensor:
         """One optimizer step: ``grad_accum`` micro-batches forward and backward (gradients
@@ -250,14 +276,17 @@ class PhaseTrainer:
         a new frozen-layer count (a kept checkpoint just before a new freeze)."""
         seq_len = self.curriculum.new_context(step, self.loader.seq_len)
         if seq_len is not None:
+            self._fresh = True
             state = self.loader.state_dict()
             self.loader = self._make_loader(seq_len)
             self.loader.load_state_dict(state)
             self.hooks.on_event("curriculum", f"context {seq_len} from step {step}", {})
         n_frozen = self.curriculum.new_frozen(step, self.model.n_frozen)
         if n_frozen is not None:
+            self._fresh = True
             if self.curriculum.keep_before_freeze(step):
-                path = self._save(step, tokens, final=False)
+                with self.progress.excluded("checkpoint"):
+                    path = self._save(step, tokens, final=False)
                 self.checkpointer.keep(path, f"before freezing {n_frozen} layers")
                 self.hooks.on_event(
                     "freeze",
@@ -288,7 +317,8 @@ class PhaseTrainer:
         """Evaluate after step ``step`` (then maybe sample); True when the phase ends here: its
         last step, or a validation plateau."""
         phase = self.phase
-        val_loss = self.evaluator.evaluate(self.model, step, tokens)
+        with self.progress.excluded("eval"):
+            val_loss = self.evaluator.evaluate(self.model, step, tokens)
         self.hooks.log(
             f"[{phase.name}] step {step}/{phase.total_steps} val loss {val_loss:.4f} "
             f"(ppl {perplexity(val_loss):.1f})"
@@ -299,7 +329,8 @@ class PhaseTrainer:
             self.hooks.on_event("plateau", self.stop_reason, {"step": step})
             last = True
         if self.sampler.should_sample(step, last):
-            self.sampler.sample(self.parallel.sampling_model(self.model), step)
+            with self.progress.excluded("samples"):
+                self.sampler.sample(self.parallel.sampling_model(self.model), step)
         return last
 
     def _rollback(self, step: int, reason: str) -> tuple[int, int]:
@@ -317,6 +348,7 @@ class PhaseTrainer:
         self.metrics.truncate_after(step)
         self.train_model = self._compiled()
         self.progress.restart(step, tokens)
+        self._fresh = True
         return step, tokens
 
     def _stop(self, step: int, tokens: int) -> PhaseOutcome:
@@ -432,7 +464,22 @@ class PhaseTrainer:
             f"[{phase.name}] {self.device.type}: {self.plan.describe()}; micro-batch "
             f"{phase.micro_batch} x {phase.seq_len} x {phase.grad_accum} per step"
         )
+        self._say_epoch_cap()
         return step, tokens
+
+    def _say_epoch_cap(self) -> None:
+        """Log (and record as an event) a budget cut by ``max_epochs``."""
+        asked, phase = self.cfg.phases[self.phase_idx].tokens, self.phase
+        if phase.tokens >= asked:
+            return
+        shard = self.train_shard.meta.n_tokens
+        msg = (
+            f"{asked:,} tokens would be {asked / shard:.1f} passes over the {shard:,}-token "
+            f"training shard; training {phase.tokens:,} ({phase.total_steps} steps, "
+            f"phases[{self.phase_idx}].max_epochs = {phase.max_epochs:g})"
+        )
+        self.hooks.log(f"[{phase.name}] {msg}")
+        self.hooks.on_event("epochs", msg, {"tokens": phase.tokens, "asked": asked})
 
     def _train(self, step: int, tokens: int) -> PhaseOutcome:
         """The loop under the stall watchdog; running out of memory names the knobs."""
