@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def test_gpu_playbook_script_runs_every_step_and_leaves_the_results(finished, tm
     out = tmp_path / "out"
     env = cli_env() | {"CONFIG": str(config), "ALLOW_CPU": "1", "OUT": str(out)}
     env["ASK_TOKENS"] = "16"  # the micro model's context is 64 tokens
-    env["PYTHON"] = shutil.which("python") or "python3"
+    env["PYTHON"] = sys.executable  # the interpreter with deeplm and the test extras
     _playbook(run, env)
     assert sorted(p.name for p in out.iterdir()) == [
         "gpu.txt", "pipeline.log", "run.tgz", "summary.json", "summary.md",
