@@ -123,21 +123,27 @@ def test_guard_state_round_trips_and_old_checkpoints_get_defaults():
 
 def test_plateau_stops_after_patience_evaluations_without_improvement():
     p = PlateauStop(_phase(plateau_patience=2, plateau_min_delta=0.1))
-    assert not p.update(3.0)
-    assert not p.update(2.95)  # not better by more than min_delta
-    assert p.update(2.99)  # second evaluation without improvement
+    assert not p.update(3.0, 10)
+    assert not p.update(2.95, 20)  # not better by more than min_delta
+    assert p.update(2.99, 30)  # second evaluation without improvement
     assert "no improvement > 0.1 in 2 evaluations (best 3.0000)" in p.reason()
-    assert not p.update(2.5) and p.evals_since_best == 0  # a real improvement resets
+    assert p.best_step == 10  # the step whose weights a plateau stop keeps
+    assert not p.update(2.5, 40) and p.evals_since_best == 0  # a real improvement resets
+    assert p.best_step == 40
 
 
 def test_plateau_patience_zero_never_stops_and_state_round_trips():
     p = PlateauStop(_phase(plateau_patience=0))
-    assert not any(p.update(5.0) for _ in range(10))
-    assert p.state_dict() == {"best_val_loss": 5.0, "evals_since_best": 9}
+    assert not any(p.update(5.0, i) for i in range(10))
+    assert p.state_dict() == {"best_val_loss": 5.0, "best_step": 0, "evals_since_best": 9}
     q = PlateauStop(_phase())
-    assert q.state_dict() == {"best_val_loss": -1.0, "evals_since_best": 0}  # None on disk
+    assert q.state_dict() == {"best_val_loss": -1.0, "best_step": 0, "evals_since_best": 0}
     q.load_state_dict(q.state_dict())
     assert q.best_val is None
+    q.load_state_dict({"best_val_loss": 2.0, "best_step": 7, "evals_since_best": 1})
+    assert (q.best_val, q.best_step, q.evals_since_best) == (2.0, 7, 1)
+    q.load_state_dict({"best_val_loss": 2.0, "evals_since_best": 1})  # a checkpoint from before
+    assert q.best_step == 0
 
 
 def test_curriculum_plan_changes_context_and_freezes_with_a_kept_checkpoint():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +224,48 @@ def test_max_epochs_cuts_the_budget_to_passes_over_the_shard(corpus, tmp_path):
         corpus["val"], hooks=TrainHooks(log=lines.append),
     )  # fmt: skip
     assert trainer.run().step == 6 and not [line for line in lines if "passes over" in line]
+
+
+def _scripted_val(monkeypatch, by_step: dict[int, float]) -> None:
+    """Validation losses by step (the real evaluator still runs at step 0), so that the plateau
+    decision is known in advance; everything else trains for real."""
+    from deeplm.train.evaluator import Evaluator
+
+    def evaluate(self, model, step, tokens):
+        self.val_loss = by_step[step]
+        return self.val_loss
+
+    monkeypatch.setattr(Evaluator, "evaluate", evaluate)
+
+
+@pytest.mark.parametrize("stop_after", [None, 3])
+def test_plateau_stop_ends_with_the_best_weights(corpus, tmp_path, monkeypatch, stop_after):
+    """val 5.0, 4.0 (best, step 2), 4.5, 4.6: patience 2 stops after step 4 with step 2's
+    weights, also when the run was stopped after step 3 and resumed (the best weights are kept
+    on disk, not in memory)."""
+    _scripted_val(monkeypatch, {1: 5.0, 2: 4.0, 3: 4.5, 4: 4.6, 5: 4.7, 6: 4.8})
+    d = micro_config(eval_every=1, save_every=1, keep_last=20, plateau_patience=2)
+    d["phases"][0]["plateau_min_delta"] = 0.0
+    if stop_after is not None:
+        outcome, _ = _train(corpus, tmp_path, json.loads(json.dumps(d)), stop_after=stop_after)
+        assert outcome.status == "stopped" and outcome.step == 3
+        assert (tmp_path / "checkpoints" / "1-p1" / "best-0000002").is_dir()
+    lines = []
+    trainer = PhaseTrainer(
+        config_from_dict(d), 0, tmp_path, corpus["tokenizer"], corpus["train"], corpus["val"],
+        hooks=TrainHooks(log=lines.append),
+    )  # fmt: skip
+    outcome = trainer.run()
+    assert outcome.status == "done" and outcome.step == 4 and "plateau" in outcome.stop_reason
+    assert outcome.val_loss == 4.0
+    phase_dir = tmp_path / "checkpoints" / "1-p1"
+    final = load_file(f"{outcome.final_checkpoint}/{ckpt.WEIGHTS}")
+    at_step_2 = load_file(f"{phase_dir / 'step-0000002'}/{ckpt.WEIGHTS}")
+    at_step_3 = load_file(f"{phase_dir / 'step-0000003'}/{ckpt.WEIGHTS}")
+    assert outcome.final_checkpoint.endswith("step-0000004")  # the step it stopped at ...
+    assert all(torch.equal(final[k], at_step_2[k]) for k in final)  # ... with step 2's weights
+    assert not all(torch.equal(at_step_3[k], at_step_2[k]) for k in final)  # it trained on
+    meta = ckpt.read_meta(Path(outcome.final_checkpoint))
+    assert meta["final"] and meta["weights_of_step"] == 2 and meta["val_loss"] == 4.0
+    assert any("ending with the weights of step 2" in line for line in lines)
+    assert not list(phase_dir.glob("best-*"))  # removed once the phase ended

@@ -55,15 +55,23 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+def best_dir(phase_dir: Path, step: int) -> Path:
+    """The weights of the best validation loss so far, reached at ``step`` (a plateau stop
+    ends the phase with them); never a resume point."""
+    return phase_dir / f"best-{step:07d}"
+
+
 def save_checkpoint(
     phase_dir: Path,
     step: int,
     model: nn.Module,
     trainer_state: dict[str, Any],
     meta: dict[str, Any],
+    folder: Path | None = None,
 ) -> Path:
-    """Write a complete checkpoint for ``step`` atomically and return its folder."""
-    final = step_dir(phase_dir, step)
+    """Write a complete checkpoint for ``step`` atomically and return its folder
+    (``folder``, default :func:`step_dir`)."""
+    final = folder or step_dir(phase_dir, step)
     if is_complete(final):
         return final
     phase_dir.mkdir(parents=True, exist_ok=True)
@@ -217,6 +225,7 @@ def apply_retention(phase_dir: Path, keep_last: int) -> list[Path]:
     for ckpt in doomed:
         shutil.rmtree(ckpt.path, ignore_errors=True)
         removed.append(ckpt.path)
-    for leftover in phase_dir.glob(".step-*.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    for pattern in (".step-*.tmp-*", ".best-*.tmp-*"):  # of writers killed mid-write
+        for leftover in phase_dir.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
     return removed

@@ -1,12 +1,15 @@
 """The phase's checkpointer: where its checkpoints live, which one to resume from, when to save
 (every ``save_every`` steps; a kept one before each freeze; the final one), what a checkpoint's
 metadata says, and retention (``keep_last`` periodic checkpoints; kept and final ones stay).
+With a plateau stop configured, it also keeps the weights of the best evaluation so far
+(``best-<step>``, one at a time, never resumed from; removed when the phase ends).
 
 The file format is :mod:`deeplm.run.checkpoint`'s; what goes into the trainer state is the
 trainer's (model, optimizer, loader, RNG and its components' state)."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,29 @@ class Checkpointer:
         path = ckpt.save_checkpoint(self.dir, step, model, state, meta)
         ckpt.apply_retention(self.dir, self.phase.keep_last)
         return path
+
+    def save_best(self, step: int, model: nn.Module, val_loss: float) -> Path:
+        """The weights after ``step``, the best evaluation so far; older best weights go."""
+        meta = self.meta(0, False, {"best_val_loss": val_loss})
+        folder = ckpt.best_dir(self.dir, step)
+        path = ckpt.save_checkpoint(self.dir, step, model, {"best_step": step}, meta, folder)
+        self.drop_best(keep=path)
+        return path
+
+    def best(self, step: int) -> Path | None:
+        """The kept best weights of ``step`` when complete and intact (else None)."""
+        path = ckpt.best_dir(self.dir, step)
+        try:
+            ckpt.verify(path)
+        except ckpt.CheckpointError:
+            return None
+        return path
+
+    def drop_best(self, keep: Path | None = None) -> None:
+        """Remove kept best weights (all but ``keep``)."""
+        for path in self.dir.glob("best-*"):
+            if path != keep:
+                shutil.rmtree(path, ignore_errors=True)
 
     def keep(self, path: Path, reason: str) -> None:
         """Exempt ``path`` from retention (e.g. the weights just before a freeze)."""

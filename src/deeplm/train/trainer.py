@@ -165,6 +165,7 @@ class PhaseTrainer:
         self._train_module: nn.Module | None = None
         self._compiled_for: nn.Module | None = None
         self._fresh = True  # the next step starts a graph state (see _step)
+        self._best_restored: int | None = None  # a plateau stop's weights are of this step
 
     # ------------------------------------------------------------------ main
 
@@ -323,15 +324,44 @@ class PhaseTrainer:
             f"[{phase.name}] step {step}/{phase.total_steps} val loss {val_loss:.4f} "
             f"(ppl {perplexity(val_loss):.1f})"
         )
-        if self.plateau.update(val_loss) and not last:
+        plateau = self.plateau.update(val_loss, step)
+        if self._keeps_best() and self.plateau.best_step == step and not last:
+            with self.progress.excluded("checkpoint"):
+                self.checkpointer.save_best(step, self.model, val_loss)
+        if plateau and not last:
             self.stop_reason = self.plateau.reason()
             self.hooks.log(f"[{phase.name}] stopping early at step {step}: {self.stop_reason}")
             self.hooks.on_event("plateau", self.stop_reason, {"step": step})
+            self._restore_best()
             last = True
         if self.sampler.should_sample(step, last):
             with self.progress.excluded("samples"):
                 self.sampler.sample(self.parallel.sampling_model(self.model), step)
         return last
+
+    def _keeps_best(self) -> bool:
+        """A plateau stop can end this phase, so the best weights are kept (one process)."""
+        return self.plateau.enabled and not self.parallel.distributed
+
+    def _restore_best(self) -> None:
+        """At a plateau stop: the weights of the best evaluation replace the last ones (the
+        kept ``best-<step>``, or the phase's starting weights when nothing beat them)."""
+        best, name = self.plateau.best_step, self.phase.name
+        if not self._keeps_best():
+            return
+        source = self.checkpointer.best(best) if best > 0 else None
+        if best == 0 and self.init_from is not None and not self.phase.lora_rank:
+            source = self.init_from
+        if source is None:
+            self.hooks.log(f"[{name}] no weights of step {best} on disk: ending with the last")
+            return
+        ckpt.load_weights(source, self.model)
+        self.evaluator.val_loss = self.plateau.best_val
+        self._best_restored = best
+        self.hooks.log(
+            f"[{name}] ending with the weights of step {best}, the best evaluation "
+            f"(val loss {self.plateau.best_val:.4f})"
+        )
 
     def _rollback(self, step: int, reason: str) -> tuple[int, int]:
         """Return to the newest good checkpoint with a lower LR and a longer warmup."""
@@ -374,7 +404,10 @@ class PhaseTrainer:
             "first_val_loss": self.evaluator.first_val_loss,
             "stop_reason": self.stop_reason,
         }
+        if self._best_restored is not None:
+            extra["weights_of_step"] = self._best_restored
         self._save(step, tokens, final=True, extra=extra)
+        self.checkpointer.drop_best()
 
     def _outcome(self, step: int, tokens: int) -> PhaseOutcome:
         samples = self.sampler.samples
