@@ -219,7 +219,8 @@ def bench_one(
     return result
 
 
-def _kernel_kind(name: str) -> str:
+def kernel_kind(name: str) -> str:
+    """The kind of a CUDA kernel, by its name (the profile tables' rows)."""
     n = name.lower()
     if n.startswith("triton"):
         return "triton (fused elementwise/norm/reduction)"
@@ -244,27 +245,40 @@ def profile_steps(step, device, step_s: float, n: int = 3) -> dict:
         for _ in range(n):
             step()
         synchronize(device)
+    return summarize_profile(prof, n, step_s)
+
+
+def summarize_profile(prof, n: int, step_s: float) -> dict:
+    """Kernel time per step of ``n`` profiled steps of ``step_s`` seconds each: by kind, the
+    annotated ranges' spans and the top kernels."""
     rows: list[tuple[str, float, float]] = []
     annotated: dict[str, float] = {}  # ranges such as Optimizer.step#...: their kernels' span
     for e in prof.key_averages():
         dev_us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
         if dev_us <= 0 or "CUDA" not in str(getattr(e, "device_type", "")):
             continue
-        if e.key.startswith(("Optimizer.", "ProfilerStep")) or "#" in e.key:
+        annotation = getattr(e, "is_user_annotation", False) or e.key.startswith("Torch-Compiled")
+        if annotation or e.key.startswith(("Optimizer.", "ProfilerStep")) or "#" in e.key:
             annotated[e.key] = dev_us / n / 1000
         else:
             rows.append((e.key, e.count / n, dev_us / n / 1000))
-    rows.sort(key=lambda r: -r[2])
+    return kernel_summary(rows, step_s) | {"annotated_span_ms": annotated}
+
+
+def kernel_summary(rows: list[tuple[str, float, float]], step_s: float) -> dict:
+    """``rows`` of (kernel name, calls per step, ms per step) as the profile tables: GPU time by
+    kind of kernel, the top 30 kernels, and the GPU's busy share of a ``step_s``-second step
+    (also used by bench/trace_trainer.py)."""
+    rows = sorted(rows, key=lambda r: -r[2])
     kinds: dict[str, float] = {}
     for name, _, ms in rows:
-        kinds[_kernel_kind(name)] = kinds.get(_kernel_kind(name), 0.0) + ms
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
     busy = sum(kinds.values())
     return {
         "step_ms": 1000 * step_s,
         "kernel_ms_per_step": busy,
         "gpu_busy_fraction": busy / (1000 * step_s) if step_s else None,
         "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-        "annotated_span_ms": annotated,
         "top_kernels": [
             {"name": name[:160], "calls_per_step": calls, "ms_per_step": ms}
             for name, calls, ms in rows[:30]
