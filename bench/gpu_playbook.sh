@@ -14,7 +14,9 @@
 # else stop waiting after that many seconds, leave the run going, exit 3), STAGE (all | wait: do
 # not start `deeplm run`, wait for the one this script started earlier, then finish),
 # ALLOW_CPU=1 (run without a GPU: to try the script on the tiny preset), ASK_TOKENS (48: tokens
-# per answer of the served model). The run directory can be prepared elsewhere first (`deeplm
+# per answer of the served model), TRACE=1 (then trace phase TRACE_PHASE's training step with
+# bench/trace_trainer.py, extra arguments in TRACE_ARGS: where a step's time goes, in the summary;
+# about a minute more on a GPU). The run directory can be prepared elsewhere first (`deeplm
 # prepare --preset 60m --run-dir DIR` on a machine with the offline corpora or the Hugging Face
 # Hub) and copied: the GPU machine then needs neither. Re-running resumes: finished stages are
 # skipped. Keep the run directory outside a folder that something else syncs or replaces.
@@ -38,9 +40,10 @@ collect() {  # everything under $OUT in at most 5 files (status, summary, logs, 
   [ -f "$OUT/gpu.txt" ] && cp "$OUT/gpu.txt" "$RUN_DIR/"
   $PY bench/playbook_summary.py "$RUN_DIR" --status "$RUN_DIR/status.json" \
     --serve "$RUN_DIR/serve.json" --export-log "$RUN_DIR/export.log" --gpu "$RUN_DIR/gpu.txt" \
+    --trace "$RUN_DIR/trace/trace-summary.json" \
     --md "$OUT/summary.md" --json "$OUT/summary.json" > /dev/null || say "no summary"
   (cd "$RUN_DIR" && tar czf - --ignore-failed-read ./*.log ./*.json report.md report metrics \
-    eval 2> /dev/null) > "$OUT/run.tgz"
+    eval trace 2> /dev/null) > "$OUT/run.tgz"
   say "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 }
 
@@ -105,6 +108,14 @@ after_training() {  # the commands a user runs on the trained model
   return $rc
 }
 
+trace_step() {  # where a training step's time goes (bench/trace_trainer.py), for the summary
+  say "bench/trace_trainer.py --phase ${TRACE_PHASE:-0}"
+  # shellcheck disable=SC2086  # TRACE_ARGS holds several arguments
+  $PY bench/trace_trainer.py "$RUN_DIR" --phase "${TRACE_PHASE:-0}" --out "$RUN_DIR/trace" \
+    ${TRACE_ARGS:-} > "$RUN_DIR/trace.log" 2>&1 || { say "trace failed: $RUN_DIR/trace.log"; return 1; }
+  tail -n 4 "$RUN_DIR/trace.log"
+}
+
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2> /dev/null \
     || echo "no nvidia-smi"; } > "$OUT/gpu.txt"
 preflight
@@ -112,6 +123,7 @@ preflight
 wait_training; status=$?
 if [ $status = 0 ]; then
   after_training; status=$?
+  if [ "${TRACE:-0}" = 1 ]; then trace_step || status=1; fi
 fi
 collect
 exit $status

@@ -9,7 +9,9 @@ Reads what the run and the script left behind, computes nothing it cannot read:
 * the evaluate stage's ``report/eval.json`` (or ``deeplm eval``'s): the val loss of each phase's
   final model on every phase's data (``forgetting``) and the final model's samples;
 * optionally the answers of the served model (``--serve``, ``bench/ask_served.py``), the
-  ``deeplm export --verify`` output (``--export-log``) and the GPU line (``--gpu``).
+  ``deeplm export --verify`` output (``--export-log``), the GPU line (``--gpu``) and
+  ``bench/trace_trainer.py``'s summary (``--trace``: where a training step's time goes, and
+  whether the host or the GPU holds it back).
 
     python bench/playbook_summary.py runs/60m --status out/status.json --serve out/serve.json \
         --export-log out/export.log --gpu out/gpu.txt --md out/summary.md --json out/summary.json
@@ -51,7 +53,14 @@ def _phase_samples(run_dir: Path, phase: str, n: int = 3) -> list[dict[str, Any]
     return rows[-n:]
 
 
-def summarize(run_dir: Path, status: dict, serve: dict | None, export_log: str, gpu: str) -> dict:
+def summarize(
+    run_dir: Path,
+    status: dict,
+    serve: dict | None,
+    export_log: str,
+    gpu: str,
+    trace: dict | None = None,
+) -> dict:
     ev = _eval_json(run_dir)
     stages = {s["name"]: s for s in status.get("stages", [])}
     phases = []
@@ -98,6 +107,36 @@ def summarize(run_dir: Path, status: dict, serve: dict | None, export_log: str, 
         "final_samples": ev.get("samples", [])[:4],
         "export_max_logit_diff": float(diff.group(1)) if diff else None,
         "serve": serve,
+        "trace": _trace_figures(trace),
+    }
+
+
+#: a step whose host needs this share of the step to issue it leaves the GPU waiting
+HOST_BOUND_SHARE = 0.9
+
+
+def _trace_figures(trace: dict | None) -> dict | None:
+    """The headline of bench/trace_trainer.py's summary: step times, host issue share, kernel
+    time by kind, the largest issuers of GPU idle time, and whether the step is host-bound."""
+    if not trace:
+        return None
+    synced = trace.get("synced") or {}
+    gpu = trace.get("gpu_step_ms") or trace.get("host_step_ms") or {}
+    share = synced.get("issue_share")
+    issuers = (trace.get("gaps") or {}).get("by_issuer") or {}
+    return {
+        "phase": trace.get("phase"),
+        "plan": trace.get("plan"),
+        "step_ms_p50": gpu.get("p50"),
+        "tokens_per_s_p50": (
+            trace["tokens_per_step"] / gpu["p50"] * 1000 if gpu.get("p50") else None
+        ),
+        "host_issue_ms": synced.get("host_issue_ms"),
+        "synced_step_ms": synced.get("step_ms"),
+        "host_bound": None if share is None else share >= HOST_BOUND_SHARE,
+        "kernel_ms_per_step": (trace.get("profile") or {}).get("kernel_ms_per_step"),
+        "kernel_ms_by_kind": (trace.get("profile") or {}).get("by_kind_ms", {}),
+        "idle_issuers_ms": {k: v["ms_per_step"] for k, v in list(issuers.items())[:5]},
     }
 
 
@@ -164,7 +203,31 @@ def render(s: dict[str, Any]) -> str:
                 lines.append(f"- {k} ({serve[k].get('seconds', 0):.2f} s): {a}")
         if serve.get("error"):
             lines.append(f"- error: {serve['error']}")
+    lines += _trace_lines(s.get("trace"))
     return "\n".join(lines) + "\n"
+
+
+def _trace_lines(t: dict | None) -> list[str]:
+    if not t:
+        return []
+    lines = ["", f"## Where a training step's time goes ({t['phase']}, bench/trace_trainer.py)", ""]
+    lines.append(
+        f"- {t['plan']}: step {_f(t['step_ms_p50'], '.1f')} ms (median; "
+        f"{_f(t['tokens_per_s_p50'], ',.0f')} tokens/s), of which the GPU's kernels "
+        f"{_f(t['kernel_ms_per_step'], '.1f')} ms."
+    )
+    if t["host_bound"] is not None:
+        verdict = "**host-bound**: the GPU waits for" if t["host_bound"] else "GPU-bound: ahead of"
+        lines.append(
+            f"- Waited for one by one, the host issues a step in {t['host_issue_ms']:.1f} ms of "
+            f"{t['synced_step_ms']:.1f} ms: {verdict} the Python that launches its kernels."
+        )
+    kinds = ", ".join(f"{k} {v:.1f}" for k, v in t["kernel_ms_by_kind"].items())
+    lines.append(f"- Kernel ms per step: {kinds}.")
+    if t["idle_issuers_ms"]:
+        gaps = ", ".join(f"{k} {v:.1f}" for k, v in t["idle_issuers_ms"].items())
+        lines.append(f"- GPU idle ms per step (profiled) by what issued the next kernel: {gaps}.")
+    return lines
 
 
 def _forgetting(f: dict[str, Any], order: list[str]) -> list[str]:
@@ -190,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serve", help="bench/ask_served.py's JSON")
     ap.add_argument("--export-log", help="`deeplm export --verify` output")
     ap.add_argument("--gpu", help="a file with the GPU's description")
+    ap.add_argument("--trace", help="bench/trace_trainer.py's trace-summary.json")
     ap.add_argument("--md", required=True)
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
@@ -199,7 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = lambda p: Path(p).read_text() if p and Path(p).is_file() else ""  # noqa: E731
     serve = _load(args.serve)
-    s = summarize(Path(args.run_dir), status, serve, text(args.export_log), text(args.gpu))
+    s = summarize(
+        Path(args.run_dir),
+        status,
+        serve,
+        text(args.export_log),
+        text(args.gpu),
+        _load(args.trace),
+    )
     Path(args.json).write_text(json.dumps(s, indent=2, default=str) + "\n")
     Path(args.md).write_text(render(s))
     print(render(s))

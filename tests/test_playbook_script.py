@@ -42,6 +42,8 @@ def test_gpu_playbook_script_runs_every_step_and_leaves_the_results(finished, tm
     env = cli_env() | {"CONFIG": str(config), "ALLOW_CPU": "1", "OUT": str(out)}
     env["ASK_TOKENS"] = "16"  # the micro model's context is 64 tokens
     env["PYTHON"] = sys.executable  # the interpreter with deeplm and the test extras
+    env["TRACE"] = "1"  # and where a step's time goes (bench/trace_trainer.py), briefly
+    env["TRACE_ARGS"] = "--warmup 2 --timed 4 --synced 2 --profiled 2"
     _playbook(run, env)
     assert sorted(p.name for p in out.iterdir()) == [
         "gpu.txt", "pipeline.log", "run.tgz", "summary.json", "summary.md",
@@ -58,10 +60,15 @@ def test_gpu_playbook_script_runs_every_step_and_leaves_the_results(finished, tm
     assert serve["ok"] is True, serve
     assert all(serve[k]["answer"].strip() for k in ("chat", "completion", "stream"))
     assert serve["stream"]["chunks"] > 1
+    trace = summary["trace"]
+    assert trace["phase"] == "grammar" and trace["step_ms_p50"] > 0
+    assert trace["host_bound"] in (True, False) and trace["host_issue_ms"] > 0
+    assert "## Where a training step's time goes (grammar" in (out / "summary.md").read_text()
     assert "## Served" in (out / "summary.md").read_text()
     with tarfile.open(out / "run.tgz") as tar:
         names = set(tar.getnames())
-    for name in ("report.md", "eval/report.md", "./serve.json", "./export.log", "./status.json"):
+    kept = ("report.md", "eval/report.md", "./serve.json", "./export.log", "./status.json")
+    for name in kept + ("trace/trace-summary.json", "trace/trace.json.gz"):
         assert name in names, sorted(names)
     assert any(n.startswith("report/") and n.endswith(".png") for n in names)
     # waiting again finds the run finished and does the steps after training once more
