@@ -209,8 +209,8 @@ def bench_one(
         "first_step_s": first_step_s,
         # the first step's time beyond an ordinary step: compilation (and allocator warm-up)
         "compile_s": max(0.0, first_step_s - step_s) if compile_ else None,
-        "flops_per_token": flops_per_token(cfg.model, seq_len),
-        "mfu": tok_s * flops_per_token(cfg.model, seq_len) / peak if peak else None,
+        "flops_per_token": flops_per_token(cfg.model, seq_len, frozen),
+        "mfu": tok_s * flops_per_token(cfg.model, seq_len, frozen) / peak if peak else None,
         "peak_memory_gb": mem / 2**30 if mem else None,
         "loss": float(loss.item()),
     }

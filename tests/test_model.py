@@ -177,6 +177,18 @@ def test_flops_per_token() -> None:
     assert flops_per_token(cfg, 512) == 6 * 59_469_440 + 12 * 60 * 320 * 512
 
 
+def test_flops_per_token_leaves_out_the_backward_of_frozen_layers() -> None:
+    cfg = ModelConfig()
+    per_block = sum(p.numel() for p in Transformer(ModelConfig(n_layers=1)).blocks[0].parameters())
+    full = flops_per_token(cfg, 512)
+    skipped = 40 * (4 * per_block + 8 * 320 * 512)
+    assert flops_per_token(cfg, 512, frozen_layers=40) == full - skipped
+    # every block frozen: the forward of everything (2N + 4LdT) and the head's backward remain
+    assert flops_per_token(cfg, 512, frozen_layers=60) == pytest.approx(
+        2 * 59_469_440 + 4 * 60 * 320 * 512 + 4 * (59_469_440 - 60 * per_block)
+    )
+
+
 # ---------------------------------------------------------------------- loss
 
 

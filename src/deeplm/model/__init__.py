@@ -8,7 +8,9 @@ Public API::
                                           -> (loss, unweighted), chunked head, no logits
     TrainingLoss(model)                   a module whose forward is model.loss (for DDP wrapping)
     describe(cfg) / count_parameters(cfg) exact parameter count (meta-device build)
-    flops_per_token(cfg, seq_len)         6*N + 12*L*d*T training FLOPs per token
+    flops_per_token(cfg, seq_len, frozen_layers=0)
+                                          6*N + 12*L*d*T training FLOPs per token (less the
+                                          backward of frozen bottom layers)
     generate(model, idx, max_new_tokens, ...) / stream_generate(...)
 """
 

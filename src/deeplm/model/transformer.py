@@ -399,9 +399,22 @@ def describe(cfg: ModelConfig) -> str:
     )
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def block_parameters(cfg: ModelConfig) -> int:
+    """Parameters of one Transformer block (built on the meta device)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in Block(cfg, 0).parameters())
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, frozen_layers: int = 0) -> float:
     """Training FLOPs per token (forward + backward), PaLM / nanoGPT MFU formula:
     ``6*N + 12*n_layers*d_model*seq_len`` with N the TOTAL parameter count (tied embedding counted
-    once; the LM head matmul is real compute, so the embedding stays in N)."""
+    once; the LM head matmul is real compute, so the embedding stays in N).
+
+    With the bottom ``frozen_layers`` blocks frozen, those run forward only (no autograd, see
+    :meth:`Transformer.set_frozen_layers`): their backward share, ``4*P_block + 8*d_model*seq_len``
+    each, is not counted."""
     n = count_parameters(cfg)
-    return float(6 * n + 12 * cfg.n_layers * cfg.d_model * seq_len)
+    full = 6 * n + 12 * cfg.n_layers * cfg.d_model * seq_len
+    k = max(0, min(frozen_layers, cfg.n_layers))
+    skipped = k * (4 * block_parameters(cfg) + 8 * cfg.d_model * seq_len) if k else 0
+    return float(full - skipped)

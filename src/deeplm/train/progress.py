@@ -51,7 +51,7 @@ class ProgressReporter:
         self.weighted = weighted
         self.peak = peak_flops(device, dtype)
         self.tokens_per_s: float | None = None
-        self._flops: dict[int, float] = {}
+        self._flops: dict[tuple[int, int], float] = {}  # (context, frozen layers) -> FLOPs
         self.bar = tqdm(
             total=phase.total_steps,
             initial=step,
@@ -121,9 +121,10 @@ class ProgressReporter:
             train_s, trained = self._now - self._t_last, tokens - self._tokens_last
         tok_per_s = trained / max(1e-9, train_s)
         self.tokens_per_s = tok_per_s
-        if seq_len not in self._flops:
-            self._flops[seq_len] = flops_per_token(self.cfg.model, seq_len)
-        mfu = tok_per_s * self._flops[seq_len] / self.peak if self.peak else None
+        shape = (seq_len, at["frozen_layers"])
+        if shape not in self._flops:
+            self._flops[shape] = flops_per_token(self.cfg.model, *shape)
+        mfu = tok_per_s * self._flops[shape] / self.peak if self.peak else None
         record = self._record(at, loss, grad_norm, lr, tok_per_s, mfu)
         record["train_s"] = max(0.0, train_s)
         record.update({f"{kind}_s": secs for kind, secs in self._excluded.items()})
