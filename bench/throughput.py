@@ -151,12 +151,14 @@ def bench_one(
 
         fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     batches = _batches(data, shards, cfg.model.vocab_size, batch, seq_len, device)
+    # as the trainer: a whole-model graph takes token weights (1 here), shared across phases
+    ones = torch.ones(batch, seq_len, device=device) if plan.uniform_weights else None
     reset_peak_memory(device)
 
     def step(timed_opt: list[float] | None = None) -> torch.Tensor:
         inp, tgt = next(batches)
         with autocast_context(device, dtype):
-            loss, _ = fwd(inp, tgt)
+            loss, _ = fwd(inp, tgt, ones)
         loss.backward()
         if timed_opt is not None:
             synchronize(device)

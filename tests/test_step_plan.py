@@ -63,6 +63,9 @@ def test_auto_plan_per_device():
         "logits",
     )
     assert cuda.micro_batch_tokens == 32_768
+    assert cuda.uniform_weights and not cpu.uniform_weights
+    phase = load_config(preset="60m").phases[0]
+    assert not fit_plan(cuda, phase, distributed=True).uniform_weights  # blocks under DDP
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "torch.compile is not used on MPS"
         mps = step_plan(dataclasses.replace(train, compile="on"), MPS)
@@ -201,6 +204,34 @@ def test_curriculum_and_freezing_compile_once_per_shape_and_freeze_state(corpus,
     # (context, frozen) pairs met over the 10 steps: (16,0) (32,1) (32,2) (64,2)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert 1 <= graphs <= 4, f"{graphs} graphs compiled for 4 (context, frozen) states"
+
+
+def test_phases_with_and_without_token_weights_share_one_compiled_graph(corpus, tmp_path):
+    kw = dict(tokens=3 * 4 * 64, eval_every=0, save_every=0)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    plain, trainer = _run(corpus, tmp_path / "plain", _cfg(MODEL_COMPILE, **kw))
+    assert plain.status == "done" and trainer.plan.uniform_weights
+    assert trainer.token_weight_table is None  # an unweighted phase, run through the weights
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    weighted, trainer = _run(
+        corpus, tmp_path / "rare", _cfg(MODEL_COMPILE, rare_token_alpha=0.5, **kw)
+    )
+    assert weighted.status == "done" and trainer.token_weight_table is not None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled
+
+
+def test_weights_of_one_give_the_unweighted_loss_to_the_bit():
+    torch.manual_seed(0)
+    cfg = _cfg().model
+    x = torch.randint(0, cfg.vocab_size, (3, 32))
+    y = torch.randint(0, cfg.vocab_size, (3, 32))
+    y[0, :5] = -100
+    model = Transformer(cfg)
+    model.set_loss_head("logits")
+    loss, plain = model.loss(x, y)
+    ones_loss, ones_plain = model.loss(x, y, torch.ones(3, 32))
+    assert torch.equal(loss, ones_loss) and torch.equal(plain, ones_plain)
 
 
 def _newton_schulz_fp32(g: torch.Tensor, coefficients, steps: int) -> torch.Tensor:

@@ -199,16 +199,40 @@ def lm_loss(logits: Tensor, targets: Tensor, loss_weights: Tensor | None = None)
     ``w`` taken over non-ignored positions. If nothing counts (all ignored / zero weight) the loss
     is 0 (not NaN).
     """
+    ce, valid = _token_ce(logits, targets)
+    return _weighted_mean(ce, _loss_weights(valid, ce.dtype, loss_weights))
+
+
+def lm_losses(
+    logits: Tensor, targets: Tensor, loss_weights: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(``lm_loss(logits, targets, loss_weights)``, the detached unweighted loss), from one
+    cross-entropy over the logits."""
+    ce, valid = _token_ce(logits, targets)
+    loss = _weighted_mean(ce, _loss_weights(valid, ce.dtype, loss_weights))
+    if loss_weights is None:
+        return loss, loss.detach()
+    return loss, _weighted_mean(ce.detach(), valid.to(ce.dtype))
+
+
+def _token_ce(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """float32 per-token cross-entropy (0 at ignored positions) and the mask of counted ones."""
     v = logits.size(-1)
     flat_t = targets.reshape(-1)
     ce = F.cross_entropy(
         logits.reshape(-1, v).float(), flat_t, ignore_index=IGNORE_INDEX, reduction="none"
     )
-    valid = flat_t != IGNORE_INDEX
+    return ce, flat_t != IGNORE_INDEX
+
+
+def _loss_weights(valid: Tensor, dtype: torch.dtype, loss_weights: Tensor | None) -> Tensor:
     if loss_weights is None:
-        w = valid.to(ce.dtype)
-    else:
-        w = loss_weights.reshape(-1).to(ce.dtype) * valid
+        return valid.to(dtype)
+    return loss_weights.reshape(-1).to(dtype) * valid
+
+
+def _weighted_mean(ce: Tensor, w: Tensor) -> Tensor:
+    """``sum(w*ce) / sum(w)``; 0 (not NaN) when nothing counts."""
     denom = w.sum()
     return (w * ce).sum() / torch.where(denom > 0, denom, torch.ones_like(denom))
 
@@ -322,10 +346,7 @@ class Transformer(nn.Module):
         through :class:`TrainingLoss`."""
         x = self._hidden(idx)
         if self.loss_head == "logits":
-            logits = self.lm_head(x)
-            loss = lm_loss(logits, targets, loss_weights)
-            plain = loss if loss_weights is None else lm_loss(logits.detach(), targets)
-            return loss, plain.detach()
+            return lm_losses(self.lm_head(x), targets, loss_weights)
         return linear_cross_entropy(x, self.lm_head.weight, targets, loss_weights)
 
     def _hidden(self, idx: Tensor) -> Tensor:

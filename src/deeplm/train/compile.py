@@ -5,7 +5,9 @@ benchmark times the path ``deeplm run`` takes.
 
 Defaults (``train.compile = "auto"`` etc.) are the fastest measured per device (bench/NOTES.md,
 docs/performance.md): on CUDA the whole model is compiled, the loss goes through full logits
-(fused by the compiler) and micro-batches grow to ``train.micro_batch_tokens``; CUDA graphs
+(fused by the compiler) and micro-batches grow to ``train.micro_batch_tokens``; a whole-model
+graph always takes token weights (1 where a phase has none: the same loss to the bit), so the
+phases of a run share one graph instead of compiling one each; CUDA graphs
 (``train.compile_mode = "reduce-overhead"``, one micro-batch per step) are measured faster still
 but opt-in. On CPU and MPS training runs eager with the phase's micro-batch and the chunked head.
 """
@@ -36,6 +38,9 @@ class StepPlan:
     mode: str  # one of COMPILE_MODES
     loss_head: str  # "chunked" | "logits"
     micro_batch_tokens: int  # 0 = the phase's micro-batch
+    # every step passes token weights (all 1 when the phase has none), so phases with and
+    # without rare-token weights share one whole-model graph: compiled once per run, not per phase
+    uniform_weights: bool = False
 
     def describe(self) -> str:
         comp = f"compile {self.scope} ({self.mode})" if self.compile else "eager"
@@ -60,7 +65,9 @@ def step_plan(train: TrainConfig, device: torch.device) -> StepPlan:
     tokens = train.micro_batch_tokens
     if tokens == 0 and cuda:
         tokens = CUDA_MICRO_BATCH_TOKENS
-    return StepPlan(enabled, scope, mode, head, tokens)
+    return StepPlan(
+        enabled, scope, mode, head, tokens, uniform_weights=enabled and scope == "model"
+    )
 
 
 def fit_plan(plan: StepPlan, phase: PhaseConfig, distributed: bool = False) -> StepPlan:
@@ -69,7 +76,7 @@ def fit_plan(plan: StepPlan, phase: PhaseConfig, distributed: bool = False) -> S
     among them, are reused at the next replay, so they must be consumed before it); under
     DDP/FSDP2 the blocks are compiled in place, inside the wrapper."""
     if distributed:
-        plan = dataclasses.replace(plan, scope="block")
+        plan = dataclasses.replace(plan, scope="block", uniform_weights=False)
     graphs = plan.mode in ("reduce-overhead", "max-autotune")
     if graphs and (phase.grad_accum > 1 or plan.scope != "model" or distributed):
         fallback = "max-autotune-no-cudagraphs" if plan.mode == "max-autotune" else "default"

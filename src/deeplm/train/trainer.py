@@ -166,6 +166,7 @@ class PhaseTrainer:
         self._compiled_for: nn.Module | None = None
         self._fresh = True  # the next step starts a graph state (see _step)
         self._best_restored: int | None = None  # a plateau stop's weights are of this step
+        self._ones: torch.Tensor | None = None  # see _uniform_weights
 
     # ------------------------------------------------------------------ main
 
@@ -267,8 +268,18 @@ class PhaseTrainer:
         """(loss to optimise, unweighted loss) for one micro-batch, through the training head
         (:meth:`Transformer.loss`; by default chunked: no full logits tensor in memory)."""
         weights = None if self.token_weight_table is None else self.token_weight_table[y]
+        if weights is None and self.plan.uniform_weights:
+            weights = self._uniform_weights(y)
         with autocast_context(self.device, self.dtype):
             return loss_fn(x, y, weights)
+
+    def _uniform_weights(self, y: torch.Tensor) -> torch.Tensor:
+        """Weights of 1 shaped like ``y`` (kept between steps): an unweighted phase runs the
+        weighted phases' compiled graph (:attr:`StepPlan.uniform_weights`)."""
+        ones = self._ones
+        if ones is None or ones.shape != y.shape:
+            ones = self._ones = torch.ones(y.shape, dtype=torch.float32, device=y.device)
+        return ones
 
     # ------------------------------------------------------------------ loop actions
 
