@@ -25,6 +25,7 @@ and prints the figures.
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import gzip
 import json
@@ -211,10 +212,12 @@ def reanalyse(out: Path, steps: int, gap_us: float) -> dict[str, Any]:
     return fig
 
 
-def _enclosing(host: list[dict], tid: Any, ts: float) -> list[str]:
-    """Names of the host ranges on thread ``tid`` that contain time ``ts``, outermost first."""
-    spans = [e for e in host if e.get("tid") == tid and e["ts"] <= ts <= e["ts"] + e.get("dur", 0)]
-    spans.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
+def _enclosing(ranges: list[dict], ts: float) -> list[str]:
+    """Names of the host ``ranges`` (one thread's, sorted by start) that contain time ``ts``,
+    outermost first."""
+    stop = bisect.bisect_right(ranges, ts, key=lambda e: e["ts"])
+    spans = [e for e in ranges[:stop] if ts <= e["ts"] + e["dur"]]
+    spans.sort(key=lambda e: (e["ts"], -e["dur"]))
     return [e["name"] for e in spans]
 
 
@@ -241,7 +244,10 @@ def gap_table(events: list[dict], steps: int, gap_us: float) -> dict[str, Any]:
         for e in events
         if e.get("cat") in LAUNCH_CATS and "correlation" in e.get("args", {})
     }
-    host = [e for e in events if e.get("cat") in HOST_CATS and "dur" in e]
+    host: dict[Any, list[dict]] = defaultdict(list)  # each thread's ranges, by start
+    for e in sorted(events, key=lambda e: e.get("ts", 0)):
+        if e.get("cat") in HOST_CATS and "dur" in e:
+            host[e.get("tid")].append(e)
     idle, by_issuer, count = 0.0, defaultdict(float), defaultdict(int)
     end = gpu[0]["ts"] + gpu[0]["dur"]
     for e in gpu[1:]:
@@ -252,7 +258,7 @@ def gap_table(events: list[dict], steps: int, gap_us: float) -> dict[str, Any]:
             launch = launches.get(e.get("args", {}).get("correlation"))
             label = "(launch not traced)"
             if launch is not None:
-                label = _label(_enclosing(host, launch.get("tid"), launch["ts"]))
+                label = _label(_enclosing(host[launch.get("tid")], launch["ts"]))
             by_issuer[label] += gap
             count[label] += 1
         end = max(end, e["ts"] + e["dur"])
