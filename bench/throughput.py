@@ -348,9 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--compile-mode",
         nargs="+",
-        default=["default"],
+        default=["auto"],
         choices=list(COMPILE_MODES),
-        help="torch.compile modes to time (train.compile_mode; reduce-overhead = CUDA graphs)",
+        help="torch.compile modes to time (train.compile_mode; reduce-overhead = CUDA graphs; "
+        "auto: as deeplm run, CUDA graphs for the whole model on CUDA)",
     )
     ap.add_argument(
         "--nanogpt",

@@ -12,6 +12,10 @@ three windows after a warm-up:
    every idle gap of the GPU attributed to the host code that issued the next kernel (data
    loading, forward, backward, clipping, optimizer, ...); the Chrome trace is kept.
 
+Throughout, every garbage collection of the Python heap is timed (``gc.callbacks``) against the
+step it fell in, and the slowest timed steps are listed with the collections inside them: a
+multi-second step is either a collection, a recompile or a re-recorded CUDA graph.
+
     python bench/trace_trainer.py RUN_DIR [--phase 0] [--out DIR] [--warmup 20] [--timed 50]
         [--synced 10] [--profiled 6] [--set train.compile_mode=reduce-overhead ...]
     python bench/trace_trainer.py --from-trace DIR [--profiled N]   # re-read a saved trace
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import dataclasses
+import gc
 import gzip
 import json
 import shutil
@@ -97,8 +102,21 @@ class Windows:
         self.prof: profile | None = None
         self.profile_summary: dict[str, Any] | None = None
         self.profiled_s = 0.0
+        self.collections: list[tuple[int, int, float]] = []  # (step, generation, seconds)
+        self._gc_t0 = 0.0
+        gc.callbacks.append(self._on_gc)
         self.inner = trainer._train_step
         trainer._train_step = self.step  # type: ignore[method-assign]
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            self.collections.append((self.n, info["generation"], time.perf_counter() - self._gc_t0))
+
+    def close(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
 
     @property
     def bounds(self) -> tuple[int, int, int, int]:
@@ -160,6 +178,41 @@ class Windows:
         n = self.args.profiled
         self.profile_summary = kernel_table(self.trace_events, n, self.profiled_s / n)
 
+    def _slowest(self, step_ms: list[float], k: int = 5) -> list[dict[str, Any]]:
+        """The ``k`` slowest timed steps (index counted from the first step of the loop) with
+        the garbage collections that ran while the host issued them."""
+        first = self.args.warmup
+        order = sorted(range(len(step_ms)), key=lambda i: -step_ms[i])[:k]
+        rows = []
+        for i in order:
+            gcs = [(g, s) for n, g, s in self.collections if n == first + i]
+            rows.append(
+                {
+                    "step": first + i,
+                    "ms": step_ms[i],
+                    "gc_ms": 1000 * sum(s for _, s in gcs),
+                    "gc_generations": [g for g, _ in gcs],
+                }
+            )
+        return rows
+
+    def _gc_figures(self) -> dict[str, Any]:
+        """Collections during the measured windows (after the warm-up), by generation."""
+        measured = [(g, s) for n, g, s in self.collections if n >= self.args.warmup]
+        by_gen = {
+            str(g): {
+                "count": sum(1 for x, _ in measured if x == g),
+                "total_ms": 1000 * sum(s for x, s in measured if x == g),
+                "max_ms": 1000 * max((s for x, s in measured if x == g), default=0.0),
+            }
+            for g in (0, 1, 2)
+        }
+        warm = [s for n, _, s in self.collections if n < self.args.warmup]
+        return {
+            "measured": by_gen,
+            "warmup_total_ms": 1000 * sum(warm),
+        }
+
     def figures(self) -> dict[str, Any]:
         tokens = self.trainer.phase.tokens_per_step
         host_steps = [b - a for a, b in zip(self.host, self.host[1:], strict=False)]
@@ -172,6 +225,10 @@ class Windows:
             synchronize(self.trainer.device)
             gpu = [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:], strict=False)]
             out["gpu_step_ms"] = _percentiles(gpu)
+            out["slowest_steps"] = self._slowest(gpu)
+        elif host_steps:
+            out["slowest_steps"] = self._slowest([1000 * s for s in host_steps])
+        out["gc"] = self._gc_figures()
         if self.issue:
             out["synced"] = {
                 "host_issue_ms": 1000 * statistics.median(self.issue),
@@ -309,6 +366,21 @@ def report(fig: dict[str, Any]) -> None:
                 f"{key}: p10 {p['p10']:.1f}  p50 {p['p50']:.1f}  p90 {p['p90']:.1f}  "
                 f"max {p['max']:.1f}"
             )
+    for row in fig.get("slowest_steps", [])[:3]:
+        gens = ",".join(map(str, row["gc_generations"])) or "none"
+        print(
+            f"  slow step {row['step']}: {row['ms']:.1f} ms, garbage collection "
+            f"{row['gc_ms']:.1f} ms (generations {gens})"
+        )
+    if "gc" in fig:
+        m = fig["gc"]["measured"]
+        print(
+            "garbage collections after warm-up: "
+            + ", ".join(
+                f"gen {g} x{v['count']} ({v['total_ms']:.1f} ms, max {v['max_ms']:.1f})"
+                for g, v in m.items()
+            )
+        )
     if "synced" in fig:
         s = fig["synced"]
         print(
@@ -390,7 +462,11 @@ def main(argv: list[str] | None = None) -> int:
         return result
 
     trainer._setup = setup  # type: ignore[method-assign]
-    outcome = trainer.run()
+    try:
+        outcome = trainer.run()
+    finally:
+        if box:
+            box[0].close()
     if not box or not box[0].done():
         raise SystemExit(f"training ended after {outcome.step} steps, before the windows did")
     fig = box[0].figures()

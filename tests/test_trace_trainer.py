@@ -40,6 +40,10 @@ def test_trace_trainer_measures_the_windows_of_the_pipeline_trainer(tmp_path_fac
     synced = fig["synced"]
     assert 0 < synced["host_issue_ms"] <= synced["step_ms"]
     assert fig["profile"]["step_ms"] > 0
+    slow = fig["slowest_steps"]
+    assert [r["step"] for r in slow] and all(2 <= r["step"] < 6 for r in slow)
+    assert slow[0]["ms"] == max(r["ms"] for r in slow) and slow[0]["gc_ms"] >= 0
+    assert set(fig["gc"]["measured"]) == {"0", "1", "2"}
     with gzip.open(out / "trace.json.gz", "rt") as f:
         names = {e.get("name") for e in json.load(f)["traceEvents"]}
     assert {"deeplm.train_step", "deeplm.data", "deeplm.clip_grad_norm"} <= names

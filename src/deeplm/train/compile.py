@@ -5,11 +5,13 @@ benchmark times the path ``deeplm run`` takes.
 
 Defaults (``train.compile = "auto"`` etc.) are the fastest measured per device (bench/NOTES.md,
 docs/performance.md): on CUDA the whole model is compiled, the loss goes through full logits
-(fused by the compiler) and micro-batches grow to ``train.micro_batch_tokens``; a whole-model
-graph always takes token weights (1 where a phase has none: the same loss to the bit), so the
-phases of a run share one graph instead of compiling one each; CUDA graphs
-(``train.compile_mode = "reduce-overhead"``, one micro-batch per step) are measured faster still
-but opt-in. On CPU and MPS training runs eager with the phase's micro-batch and the chunked head.
+(fused by the compiler), micro-batches grow to ``train.micro_batch_tokens`` and the graph is
+replayed as a CUDA graph (``reduce-overhead``) whenever a step is one micro-batch of the whole
+model on one process: the step is otherwise host-bound (the Python that launches ~1,500 kernels
+is slower than the GPU that runs them; 1.5x on an H200, the same loss curve over a 20M-token
+phase). A whole-model graph always takes token weights (1 where a phase has none: the same loss
+to the bit), so the phases of a run share one graph instead of compiling one each. On CPU and MPS
+training runs eager with the phase's micro-batch and the chunked head.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def step_plan(train: TrainConfig, device: torch.device) -> StepPlan:
     enabled = enabled and compile_supported(device)
     scope = train.compile_scope if train.compile_scope != "auto" else ("model" if cuda else "block")
     mode = train.compile_mode
-    if mode == "auto":  # CUDA graphs stay opt-in until their loss curve is measured on a GPU
-        mode = "default"
+    if mode == "auto":  # CUDA graphs for the whole model (fit_plan falls back where they can't)
+        mode = "reduce-overhead" if cuda and scope == "model" else "default"
     if mode == "reduce-overhead" and not cuda:
         mode = "default"  # CUDA graphs exist only on CUDA
     head = train.loss_head
