@@ -29,11 +29,11 @@ COMMON="--preset 60m --seq-len 512 --precision bf16 --compile on"
 if [ "$GRID" = explore ]; then
   CONFIGS=(
     "block-chunked|--batch 64 --compile-scope block --head chunked --optimizer muon"
-    "model-chunked|--batch 64 --compile-scope model --head chunked --optimizer muon"
-    "model-logits|--batch 64 --compile-scope model --head logits --optimizer muon"
+    "model-chunked|--batch 64 --compile-scope model --compile-mode default --head chunked --optimizer muon"
+    "model-logits|--batch 64 --compile-scope model --compile-mode default --head logits --optimizer muon"
     "model-logits-autotune|--batch 64 --compile-scope model --compile-mode max-autotune-no-cudagraphs --head logits --optimizer muon"
-    "model-logits-adamw|--batch 64 --compile-scope model --head logits --optimizer adamw"
-    "model-liger|--batch 64 --compile-scope model --head liger --optimizer muon"
+    "model-logits-adamw|--batch 64 --compile-scope model --compile-mode default --head logits --optimizer adamw"
+    "model-liger|--batch 64 --compile-scope model --compile-mode default --head liger --optimizer muon"
     "model-logits-cudagraphs|--batch 64 --compile-scope model --compile-mode reduce-overhead --head logits --optimizer muon"
   )
 else  # the table re-measured side by side, each configuration cold, one at a time
